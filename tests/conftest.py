@@ -1,0 +1,42 @@
+"""Shared fixtures. Expensive objects are session-scoped and reused across test files.
+
+This file is shared by every test module: add fixtures with small edits, keep them session-scoped
+when they are expensive, and never download anything.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The default tiny tokenizer (vocabulary 1024). Do not mutate it; build your own if you need to."""
+    from trl_multiadapter.testing import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny causal LM + tokenizer, loadable with ``from_pretrained`` like a hub id."""
+    from trl_multiadapter.testing import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-causal-lm")
+    build_tiny_model("tiny", task="causal", seed=0).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_causal_lm():
+    """A fresh tiny causal LM (seed 0) per test: tests may wrap and train it."""
+    from trl_multiadapter.testing import build_tiny_model
+
+    return build_tiny_model("tiny", task="causal", seed=0)
