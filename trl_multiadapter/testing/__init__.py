@@ -5,6 +5,7 @@ Nothing here downloads anything. See ``build_tiny_tokenizer``, ``build_tiny_mode
 """
 
 from .models import MODEL_SIZES, build_tiny_model, tiny_llama_config
+from .synthetic import write_tiny_hh_rlhf, write_tiny_squad
 from .tokenizer import (
     BENCHMARK_VOCAB_SIZE,
     BOS_TOKEN,
@@ -28,4 +29,6 @@ __all__ = [
     "build_tiny_model",
     "build_tiny_tokenizer",
     "tiny_llama_config",
+    "write_tiny_hh_rlhf",
+    "write_tiny_squad",
 ]
