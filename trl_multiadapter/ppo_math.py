@@ -21,9 +21,18 @@ WHITEN_EPS = 1e-8
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _softmax_precision(rows: torch.Tensor) -> torch.Tensor:
-    # Sums over a vocabulary lose too much in 16-bit floats; results are cast back by the caller.
-    return rows.float() if rows.dtype in _LOW_PRECISION else rows
+def _softmax_precision(logits: torch.Tensor) -> torch.Tensor:
+    # Sums over a vocabulary lose too much in 16-bit floats; _row_by_row casts the result back.
+    return logits.float() if logits.dtype in _LOW_PRECISION else logits
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(_softmax_precision(logits), dim=-1)
+
+
+def _row_by_row(per_row, *tensors: torch.Tensor) -> torch.Tensor:
+    # One batch row at a time: the temporaries are (T, V), never (B, T, V).
+    return torch.stack([per_row(*rows) for rows in zip(*tensors)]).to(tensors[0].dtype)
 
 
 def _as_bool(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -53,6 +62,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     logits (B, T, V), labels (B, T) integer token ids, temperature τ > 0 (the one used when sampling)
     -> (B, T) in the dtype of ``logits``. Rows are processed one at a time so no (B, T, V) temporary
     is allocated besides what autograd saves; 16-bit logits are reduced in float32.
+    log_softmax(z)[a] = z[a] − logsumexp(z) avoids materialising the whole log_softmax.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -60,14 +70,14 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
         raise ValueError(
             f"labels have shape {tuple(labels.shape)}; expected logits.shape[:-1] = {tuple(logits.shape[:-1])}"
         )
-    rows = []
-    for row_logits, row_labels in zip(logits, labels):
+
+    def row_logprobs(row_logits: torch.Tensor, row_labels: torch.Tensor) -> torch.Tensor:
         z = _softmax_precision(row_logits)
         if temperature != 1.0:
             z = z / temperature
-        picked = z.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - z.logsumexp(-1))
-    return torch.stack(rows).to(logits.dtype)
+        return z.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
+
+    return _row_by_row(row_logprobs, logits, labels)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -76,13 +86,14 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logits (B, T, V) -> (B, T) in the dtype of ``logits``. Vocabulary entries with probability 0
     (e.g. logits of −inf) contribute 0, as in the limit p log p -> 0.
     """
-    rows = []
-    for row_logits in logits:
-        logp = torch.log_softmax(_softmax_precision(row_logits), dim=-1)
+
+    def row_entropy(row_logits: torch.Tensor) -> torch.Tensor:
+        logp = _log_softmax(row_logits)
         p = logp.exp()
         # masked_fill, not where: keeps the gradient finite where log p = -inf
-        rows.append(-(p * logp.masked_fill(p == 0, 0.0)).sum(-1))
-    return torch.stack(rows).to(logits.dtype)
+        return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+
+    return _row_by_row(row_entropy, logits)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,14 +191,14 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """
     if logits.shape != ref_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ in shape")
-    rows = []
-    for row_logits, row_ref_logits in zip(logits, ref_logits):
-        logp = torch.log_softmax(_softmax_precision(row_logits), dim=-1)
-        logq = torch.log_softmax(_softmax_precision(row_ref_logits), dim=-1)
+
+    def row_kl(row_logits: torch.Tensor, row_ref_logits: torch.Tensor) -> torch.Tensor:
+        logp, logq = _log_softmax(row_logits), _log_softmax(row_ref_logits)
         p = logp.exp()
         # p = 0 terms are 0 (limit of p log p), also where both logits are -inf
-        rows.append((p * (logp - logq).masked_fill(p == 0, 0.0)).sum(-1))
-    return torch.stack(rows).to(logits.dtype)
+        return (p * (logp - logq).masked_fill(p == 0, 0.0)).sum(-1)
+
+    return _row_by_row(row_kl, logits, ref_logits)
 
 
 def kl_penalty(
