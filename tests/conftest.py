@@ -40,3 +40,26 @@ def tiny_causal_lm():
     from trl_multiadapter.testing import build_tiny_model
 
     return build_tiny_model("tiny", task="causal", seed=0)
+
+
+# --- foundation: markers and hypothesis profile -------------------------------------------------
+# A loaded 2-core CI machine makes wall-clock deadlines flaky; property tests bound their work with
+# max_examples instead.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("trl_multiadapter", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "trl_multiadapter"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``gpu`` when CUDA is not available (they run on GPU machines only)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu_items:
+        item.add_marker(skip)

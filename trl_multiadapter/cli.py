@@ -1,0 +1,121 @@
+"""The ``trl-multiadapter`` command line: parse, validate, hand over.
+
+Every subcommand is one ``Subcommand`` in ``SUBCOMMANDS``: a name, a one-line help, a function that
+adds its arguments to an ``argparse`` parser, and a function that runs it and returns the exit code.
+Run functions import their implementation inside the function, so ``--help`` never loads torch.
+Adding a subcommand takes one entry in ``SUBCOMMANDS`` and two small functions::
+
+    def _add_generate_arguments(parser):
+        parser.add_argument("--adapter", required=True, help="...")
+
+    def _run_generate(args) -> int:
+        from .generate import generate_from_cli  # heavy imports happen here, on use
+        return generate_from_cli(args)
+
+    Subcommand("generate", "Sample from a base model + adapter.", _add_generate_arguments, _run_generate),
+
+Exit codes: 0 success, 1 a user error reported in one line (bad recipe value, missing file,
+missing optional dependency, broken plugin), 2 a usage error (unknown subcommand or flag),
+130 interrupted. ``--traceback`` shows the full traceback instead of the one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from . import __version__
+
+PROG = "trl-multiadapter"
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """Raised instead of argparse's print-usage-and-exit, so ``main`` reports it in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse calls this for unknown choices, flags and bad values
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _add_env_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_env(args: argparse.Namespace) -> int:
+    from .env_info import collect_env_info, format_env_info
+
+    info = collect_env_info()
+    print(info.to_json() if args.json else format_env_info(info))
+    return 0
+
+
+SUBCOMMANDS: tuple[Subcommand, ...] = (
+    Subcommand(
+        "env",
+        "Print versions of Python, torch and the Hugging Face stack, devices, bf16 and 4-bit support.",
+        _add_env_arguments,
+        _run_env,
+    ),
+)
+
+
+def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Multi-adapter PPO on one shared, frozen base model (policy, value, reward, reference).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--traceback", action="store_true", help="show the full traceback when a command fails"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for subcommand in subcommands:
+        sub = commands.add_parser(subcommand.name, help=subcommand.help, description=subcommand.help)
+        subcommand.add_arguments(sub)
+        sub.set_defaults(_run=subcommand.run)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "fix your input or environment": reported in one line, exit code 1."""
+    from .registry import RegistryError
+
+    return (ValueError, FileNotFoundError, ImportError, RegistryError)
+
+
+def main(argv: Sequence[str] | None = None, subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> int:
+    parser = build_parser(subcommands)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        print(f"{error} (see '{PROG} --help')", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args._run(args)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _user_errors() as error:
+        if args.traceback:
+            raise
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
