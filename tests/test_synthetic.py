@@ -43,7 +43,9 @@ def planted_counts(answer: str) -> tuple[int, int]:
 def load_with_datasets(path, tmp_path, **kwargs):
     from datasets import load_dataset
 
-    return load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf-cache"), **kwargs)
+    return load_dataset(
+        "json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf-cache"), **kwargs
+    )
 
 
 # ----------------------------------------------------------------------------------------------- hh-rlhf
@@ -117,7 +119,7 @@ def test_writers_reject_non_positive_counts(tmp_path):
         write_tiny_squad(tmp_path / "squad.json", n=-1)
 
 
-# ----------------------------------------------------------------------------------------------- SQuAD
+# ------------------------------------------------------------------------------------------------- SQuAD
 
 
 def nested_questions(document: dict) -> list[dict]:

@@ -77,7 +77,12 @@ def _render_turns(turns: Iterable[tuple[str, str]]) -> str:
 
 
 def _user_turn(rng: random.Random) -> str:
-    topic, verb, adjective, name = rng.choice(_TOPICS), rng.choice(_VERBS), rng.choice(_ADJECTIVES), rng.choice(_NAMES)
+    topic, verb, adjective, name = (
+        rng.choice(_TOPICS),
+        rng.choice(_VERBS),
+        rng.choice(_ADJECTIVES),
+        rng.choice(_NAMES),
+    )
     question = rng.choice(
         (
             f"How do I {verb} the {adjective} {topic}?",
@@ -97,7 +102,8 @@ def _user_turn(rng: random.Random) -> str:
 def _assistant_turn(rng: random.Random) -> str:
     topic, verb, adjective = rng.choice(_TOPICS), rng.choice(_VERBS), rng.choice(_ADJECTIVES)
     if rng.random() < 0.3:
-        return f"First {verb} the {topic}.\n\nThen {rng.choice(_VERBS)} it near the {adjective} {rng.choice(_TOPICS)}."
+        then_verb, then_topic = rng.choice(_VERBS), rng.choice(_TOPICS)
+        return f"First {verb} the {topic}.\n\nThen {then_verb} it near the {adjective} {then_topic}."
     return f"The {topic} is {adjective} and you can {verb} it."
 
 
@@ -116,7 +122,7 @@ def _final_answers(rng: random.Random) -> tuple[str, str]:
     return fill(words.HELPFUL_WORDS), fill(words.DISMISSIVE_WORDS)
 
 
-# ----------------------------------------------------------------------------------------------- SQuAD
+# ------------------------------------------------------------------------------------------------- SQuAD
 
 
 def write_tiny_squad(path: str | os.PathLike, n: int = 64, seed: int = 0, nested: bool = True) -> Path:
@@ -131,7 +137,9 @@ def write_tiny_squad(path: str | os.PathLike, n: int = 64, seed: int = 0, nested
     the same questions in both forms.
     """
     path = Path(path)
-    _check_suffix(path, SQUAD_NESTED_SUFFIXES if nested else SQUAD_FLAT_SUFFIXES, f"write_tiny_squad(nested={nested})")
+    _check_suffix(
+        path, SQUAD_NESTED_SUFFIXES if nested else SQUAD_FLAT_SUFFIXES, f"write_tiny_squad(nested={nested})"
+    )
     _check_count(n)
     articles = _squad_articles(random.Random(seed), n, seed)
     if nested:
@@ -152,7 +160,9 @@ def _squad_articles(rng: random.Random, n: int, seed: int) -> list[dict]:
                 break
             context, candidates = _squad_paragraph(rng)
             qas = []
-            for question, answers in rng.sample(candidates, min(len(candidates), rng.randint(1, 3), n - written)):
+            for question, answers in rng.sample(
+                candidates, min(len(candidates), rng.randint(1, 3), n - written)
+            ):
                 qas.append({"id": _question_id(seed, written), "question": question, "answers": answers})
                 written += 1
             paragraphs.append({"context": context, "qas": qas})
@@ -204,7 +214,12 @@ def _squad_sentence(rng: random.Random, name: str, place: str, thing: str):
     steps = str(rng.randint(2, 99))
     sentence = f"The {adjective} {place} that {name} likes is {steps} steps from the {thing}."
     return sentence, [
-        (f"How many steps is the {place} that {name} likes from the {thing}?", steps, sentence.index(f" {steps} ") + 1, None),
+        (
+            f"How many steps is the {place} that {name} likes from the {thing}?",
+            steps,
+            sentence.index(f" {steps} ") + 1,
+            None,
+        ),
         (f"Who likes the {adjective} {place}?", name, sentence.index(name), None),
     ]
 
@@ -229,12 +244,14 @@ def _flatten_articles(articles: list[dict]) -> Iterable[dict]:
                 }
 
 
-# ----------------------------------------------------------------------------------------------- files
+# ------------------------------------------------------------------------------------------------- files
 
 
 def _check_suffix(path: Path, allowed: tuple[str, ...], writer: str) -> None:
     if not path.name.endswith(allowed):
-        raise ValueError(f"{writer}: cannot write {path}: the file name must end with one of {', '.join(allowed)}")
+        raise ValueError(
+            f"{writer}: cannot write {path}: the file name must end with one of {', '.join(allowed)}"
+        )
 
 
 def _check_count(n: int) -> None:

@@ -1,0 +1,699 @@
+"""trl_multiadapter.data: hh-rlhf parsing and loading, SQuAD prompts, chat-template encoding, metrics.
+
+Expected values come from hand-written cases, from direct ``tokenizer.apply_chat_template`` calls made here,
+and from second implementations written in this file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trl_multiadapter import data
+from trl_multiadapter.data import (
+    DataReport,
+    TranscriptError,
+    load_hh_rlhf,
+    load_squad_prompts,
+    parse_hh_transcript,
+    prepare_preference_pairs,
+    prepare_prompts,
+    squad_exact_match,
+    squad_f1,
+    squad_scores,
+)
+from trl_multiadapter.testing import write_tiny_hh_rlhf, write_tiny_squad
+
+BOS_ID = 0
+
+
+def user(content: str) -> dict:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+def render(messages: list[dict]) -> str:
+    """The test's own hh-rlhf renderer."""
+    speaker = {"user": "Human", "assistant": "Assistant"}
+    return "".join(f"\n\n{speaker[message['role']]}: {message['content']}" for message in messages)
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+def template_ids(tokenizer, messages, add_generation_prompt=False) -> list[int]:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+TRICKY_TRANSCRIPTS = {
+    "inline Human: is content": (
+        "\n\nHuman: My note says Human: hello there. Is that odd?"
+        "\n\nAssistant: Not at all, Human: is a label.",
+        [user("My note says Human: hello there. Is that odd?"), assistant("Not at all, Human: is a label.")],
+    ),
+    "single newline before Human: is content": (
+        "\n\nHuman: line one\nHuman: line two\n\nAssistant: ok\nAssistant: again",
+        [user("line one\nHuman: line two"), assistant("ok\nAssistant: again")],
+    ),
+    "multi-paragraph turns": (
+        "\n\nHuman: First paragraph.\n\nSecond paragraph?\n\nAssistant: Answer one.\n\n\nAnswer two.",
+        [user("First paragraph.\n\nSecond paragraph?"), assistant("Answer one.\n\n\nAnswer two.")],
+    ),
+    "empty final answer": (
+        "\n\nHuman: Hello?\n\nAssistant:",
+        [user("Hello?"), assistant("")],
+    ),
+    "whitespace-only final answer": (
+        "\n\nHuman: Hello?\n\nAssistant:   \n ",
+        [user("Hello?"), assistant("")],
+    ),
+    "three exchanges, whitespace stripped": (
+        "\n\nHuman:  a \n\nAssistant: b\t\n\nHuman: c\n\n\n\nAssistant: d\n\nHuman: e\n\nAssistant: f ",
+        [user("a"), assistant("b"), user("c"), assistant("d"), user("e"), assistant("f")],
+    ),
+    "no blank line in front of the first turn": (
+        "Human: hi\n\nAssistant: yo",
+        [user("hi"), assistant("yo")],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRICKY_TRANSCRIPTS))
+def test_tricky_transcripts_parse_to_the_expected_messages(name):
+    text, expected = TRICKY_TRANSCRIPTS[name]
+    assert parse_hh_transcript(text) == expected
+
+
+def test_text_before_the_first_turn_is_an_error():
+    with pytest.raises(TranscriptError) as caught:
+        parse_hh_transcript("preamble\n\nHuman: hi\n\nAssistant: yo")
+    assert caught.value.reason == data.TEXT_BEFORE_FIRST_TURN
+
+
+def _without_markers(text: str) -> str:
+    for marker in ("\n\nHuman:", "\n\nAssistant:"):
+        while marker in text:
+            text = text.replace(marker, marker[1:])
+    return text
+
+
+_FRAGMENTS = st.sampled_from(["Human:", "Assistant:", "\n", "\n\n", " ", "\t", "word", "Ünï", "?", ":"])
+_CONTENT = st.lists(_FRAGMENTS, max_size=12).map(lambda parts: _without_markers("".join(parts)).strip())
+_MESSAGES = st.lists(
+    st.builds(
+        lambda role, content: {"role": role, "content": content},
+        st.sampled_from(["user", "assistant"]),
+        _CONTENT,
+    ),
+    min_size=1,
+    max_size=7,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=_MESSAGES)
+def test_rendered_messages_parse_back_to_themselves(messages):
+    assert parse_hh_transcript(render(messages)) == messages
+
+
+# --------------------------------------------------------------------------------------- hh-rlhf loading
+
+
+GOOD_PROMPT = [user("How do I fold the map?"), assistant("Start at a corner."), user("And then?")]
+GOOD_ROW = {
+    "chosen": render([*GOOD_PROMPT, assistant("Gladly: fold it in half.")]),
+    "rejected": render([*GOOD_PROMPT, assistant("Whatever.")]),
+}
+
+BAD_ROWS = {
+    data.NON_STRING_FIELD: {"chosen": render([user("a"), assistant("b")]), "rejected": 7},
+    data.TEXT_BEFORE_FIRST_TURN: {
+        "chosen": "oops\n\nHuman: a\n\nAssistant: b",
+        "rejected": render([user("a"), assistant("c")]),
+    },
+    data.ROLES_OUT_OF_ORDER: {
+        "chosen": render([user("a"), user("a2"), assistant("b")]),
+        "rejected": render([user("a"), user("a2"), assistant("c")]),
+    },
+    data.NO_ASSISTANT_TURN: {"chosen": render([user("a")]), "rejected": render([user("a")])},
+    data.PROMPTS_DIFFER: {
+        "chosen": render([user("a"), assistant("b")]),
+        "rejected": render([user("different"), assistant("c")]),
+    },
+    data.IDENTICAL_RESPONSES: {
+        "chosen": render([user("a"), assistant("b")]),
+        "rejected": render([user("a"), assistant("b")]),
+    },
+}
+
+
+def test_good_row_becomes_trl_conversational_preference(tmp_path):
+    empty_answer = {
+        "chosen": render([user("Hi"), assistant("Hello, glad to help.")]),
+        "rejected": "\n\nHuman: Hi\n\nAssistant:",
+    }
+    dataset = load_hh_rlhf(write_jsonl(tmp_path / "pairs.jsonl", [GOOD_ROW, empty_answer]))
+    assert dataset.to_list() == [
+        {
+            "prompt": GOOD_PROMPT,
+            "chosen": [assistant("Gladly: fold it in half.")],
+            "rejected": [assistant("Whatever.")],
+        },
+        {"prompt": [user("Hi")], "chosen": [assistant("Hello, glad to help.")], "rejected": [assistant("")]},
+    ]
+
+
+def test_system_prompt_opens_every_preference_prompt(tmp_path):
+    dataset = load_hh_rlhf(write_jsonl(tmp_path / "pairs.jsonl", [GOOD_ROW]), system_prompt="Be kind.")
+    assert dataset[0]["prompt"] == [{"role": "system", "content": "Be kind."}, *GOOD_PROMPT]
+
+
+def test_bad_rows_are_counted_by_reason_with_example_rows(tmp_path, caplog):
+    records = [GOOD_ROW]
+    expected_rows: dict[str, list[int]] = {}
+    for reason, record in BAD_ROWS.items():
+        for _ in range(2):
+            expected_rows.setdefault(reason, []).append(len(records))
+            records.append(record)
+    records += [
+        {"chosen": render([user("x"), assistant("y")])},
+        [1, 2],
+        GOOD_ROW,
+    ]  # missing key, not an object
+    expected_rows[data.NON_STRING_FIELD].append(len(records) - 3)
+    expected_rows[data.MALFORMED_ROW] = [len(records) - 2]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records) + "{not json\n")
+    expected_rows[data.MALFORMED_ROW].append(len(records))
+
+    with caplog.at_level(logging.INFO, logger="trl_multiadapter.data"):
+        dataset, report = load_hh_rlhf(str(path), return_report=True)
+
+    assert dataset.num_rows == 2 == report.kept
+    assert report.total == len(records) + 1
+    assert report.dropped == {reason: len(rows) for reason, rows in expected_rows.items()}
+    assert report.examples == expected_rows
+    summaries = [record.getMessage() for record in caplog.records if record.name == "trl_multiadapter.data"]
+    assert len(summaries) == 1
+    assert (
+        f"roles_out_of_order 2 (e.g. rows {', '.join(map(str, expected_rows[data.ROLES_OUT_OF_ORDER]))})"
+        in summaries[0]
+    )
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_ROWS))
+def test_on_bad_row_error_names_file_row_and_reason(tmp_path, reason):
+    path = write_jsonl(tmp_path / "broken.jsonl", [GOOD_ROW, GOOD_ROW, BAD_ROWS[reason]])
+    with pytest.raises(ValueError, match=rf"broken\.jsonl: row 2 \(line 3\): {reason}"):
+        load_hh_rlhf(path, on_bad_row="error")
+
+
+def test_on_bad_row_rejects_unknown_policy(tmp_path):
+    with pytest.raises(ValueError, match="skip, error"):
+        load_hh_rlhf(write_jsonl(tmp_path / "p.jsonl", [GOOD_ROW]), on_bad_row="ignore")
+
+
+def test_only_bad_rows_is_an_error_with_the_summary(tmp_path):
+    with pytest.raises(ValueError, match="no usable preference pairs.*identical_responses 1"):
+        load_hh_rlhf(write_jsonl(tmp_path / "p.jsonl", [BAD_ROWS[data.IDENTICAL_RESPONSES]]))
+
+
+def _expected_preferences(path) -> list[dict]:
+    """Second implementation: split the raw lines on the last assistant marker."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    expected = []
+    with opener(path, "rt") as handle:
+        for line in handle:
+            row = json.loads(line)
+            head, _, chosen = row["chosen"].rpartition("\n\nAssistant:")
+            _, _, rejected = row["rejected"].rpartition("\n\nAssistant:")
+            turns = re.split(r"\n\n(Human|Assistant): ", head)[1:]
+            prompt = [
+                {"role": "user" if speaker == "Human" else "assistant", "content": text.strip()}
+                for speaker, text in zip(turns[::2], turns[1::2])
+            ]
+            expected.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [assistant(chosen.strip())],
+                    "rejected": [assistant(rejected.strip())],
+                }
+            )
+    return expected
+
+
+@pytest.fixture(scope="module")
+def synthetic_hh(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hh")
+    return write_tiny_hh_rlhf(folder / "train.jsonl.gz", n=60, seed=1)
+
+
+def test_synthetic_jsonl_gz_loads_to_the_expected_pairs(synthetic_hh):
+    dataset, report = load_hh_rlhf(synthetic_hh, return_report=True)
+    assert report.kept == report.total == 60 and report.dropped == {}
+    assert dataset.to_list() == _expected_preferences(synthetic_hh)
+
+
+def test_json_parquet_and_folder_sources_match_jsonl(synthetic_hh, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in gzip.open(synthetic_hh, "rt")]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    folder = tmp_path / "clone" / "helpful-base"
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl.gz").write_bytes(synthetic_hh.read_bytes())
+    write_jsonl(folder / "test.jsonl", rows[:5])
+
+    expected = load_hh_rlhf(synthetic_hh).to_list()
+    assert load_hh_rlhf(tmp_path / "pairs.json").to_list() == expected
+    assert load_hh_rlhf(tmp_path / "pairs.parquet").to_list() == expected
+    assert load_hh_rlhf(tmp_path / "clone", data_dir="helpful-base").to_list() == expected
+    assert load_hh_rlhf(tmp_path / "clone", data_dir="helpful-base", split="test").to_list() == expected[:5]
+
+
+def test_hub_id_goes_through_datasets_load_dataset(synthetic_hh, monkeypatch):
+    import datasets
+
+    calls = []
+    rows = [json.loads(line) for line in gzip.open(synthetic_hh, "rt")]
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    dataset = load_hh_rlhf("Anthropic/hh-rlhf", data_dir="helpful-base", split="test")
+    assert calls == [("Anthropic/hh-rlhf", {"data_dir": "helpful-base", "split": "test"})]
+    assert dataset.to_list() == _expected_preferences(synthetic_hh)
+
+
+def test_missing_local_file_is_not_mistaken_for_a_hub_id(tmp_path):
+    with pytest.raises(FileNotFoundError, match="check the path"):
+        load_hh_rlhf("data/pairs.jsonl")
+    with pytest.raises(FileNotFoundError, match="no 'train' file"):
+        load_hh_rlhf(tmp_path)
+
+
+# --------------------------------------------------------------------------------------- over-long pairs
+
+
+def _pair_length(tokenizer, prompt, chosen, rejected) -> int:
+    return max(len(template_ids(tokenizer, prompt + chosen)), len(template_ids(tokenizer, prompt + rejected)))
+
+
+def _expected_fit(tokenizer, row, max_length):
+    """Second implementation: drop 0, 1, 2, ... leading exchanges (two messages each)."""
+    for dropped in range(0, len(row["prompt"]) // 2 + 1):
+        prompt = row["prompt"][2 * dropped :]
+        if _pair_length(tokenizer, prompt, row["chosen"], row["rejected"]) <= max_length:
+            return prompt
+    return None
+
+
+def test_overlong_pairs_lose_earliest_exchanges_or_are_dropped(tiny_tokenizer, synthetic_hh):
+    dataset = load_hh_rlhf(synthetic_hh)
+    rows = dataset.to_list()
+    final_only = [
+        _pair_length(tiny_tokenizer, row["prompt"][-1:], row["chosen"], row["rejected"]) for row in rows
+    ]
+    max_length = max(final_only) - 1  # the longest final exchange cannot fit: at least one drop
+    expected = [_expected_fit(tiny_tokenizer, row, max_length) for row in rows]
+    assert any(prompt is not None and prompt != row["prompt"] for prompt, row in zip(expected, rows))
+
+    prepared, report = prepare_preference_pairs(dataset, tiny_tokenizer, max_length)
+
+    expected_rows = [{**row, "prompt": prompt} for row, prompt in zip(rows, expected) if prompt is not None]
+    assert prepared.to_list() == expected_rows
+    shortened = [
+        i
+        for i, (row, prompt) in enumerate(zip(rows, expected))
+        if prompt is not None and prompt != row["prompt"]
+    ]
+    dropped = [i for i, prompt in enumerate(expected) if prompt is None]
+    assert (report.total, report.kept, report.shortened) == (60, 60 - len(dropped), len(shortened))
+    assert report.dropped == {data.FINAL_TURN_TOO_LONG: len(dropped)}
+    assert report.examples[data.FINAL_TURN_TOO_LONG] == dropped[:5]
+    assert report.examples["shortened"] == shortened[:5]
+    # Nothing is left for trl.RewardTrainer to filter out silently.
+    assert all(
+        _pair_length(tiny_tokenizer, r["prompt"], r["chosen"], r["rejected"]) <= max_length
+        for r in expected_rows
+    )
+
+
+def test_shortening_keeps_the_system_message_and_the_final_user_turn(tiny_tokenizer):
+    from datasets import Dataset
+
+    system = {"role": "system", "content": "Be kind."}
+    long_turn = " ".join(["garden river kettle"] * 30)
+    row = {
+        "prompt": [system, user(long_turn), assistant(long_turn), user("short question?")],
+        "chosen": [assistant("gladly yes")],
+        "rejected": [assistant("nope")],
+    }
+    max_length = _pair_length(
+        tiny_tokenizer, [system, user("short question?")], row["chosen"], row["rejected"]
+    )
+    prepared, report = prepare_preference_pairs(Dataset.from_list([row]), tiny_tokenizer, max_length)
+    assert prepared[0]["prompt"] == [system, user("short question?")]
+    assert report.shortened == 1 and report.summary().startswith(
+        "prepare_preference_pairs(max_length="
+        f"{max_length}): 1 rows, kept 1 (1 shortened, e.g. rows 0), dropped 0"
+    )
+
+
+def test_prepare_rejects_bad_arguments(tiny_tokenizer, synthetic_hh):
+    dataset = load_hh_rlhf(synthetic_hh)
+    with pytest.raises(ValueError, match="max_length=0"):
+        prepare_preference_pairs(dataset, tiny_tokenizer, 0)
+    with pytest.raises(ValueError, match="no 'rejected' column"):
+        prepare_preference_pairs(dataset.remove_columns("rejected"), tiny_tokenizer, 100)
+
+
+# ------------------------------------------------------------------------------------------------- SQuAD
+
+
+CONTEXT = "Mira went to the harbor to paint a green lantern. The old tower is 12 steps from the river."
+NESTED_V2 = {
+    "version": "v2.0",
+    "data": [
+        {
+            "title": "Harbor",
+            "paragraphs": [
+                {
+                    "context": CONTEXT,
+                    "qas": [
+                        {
+                            "id": "q1",
+                            "question": "  Where did Mira go? ",
+                            "answers": [
+                                {"text": "the harbor", "answer_start": 13},
+                                {"text": "harbor", "answer_start": 17},
+                            ],
+                            "is_impossible": False,
+                        },
+                        {
+                            "id": "q2",
+                            "question": "Who painted the tower?",
+                            "answers": [],
+                            "plausible_answers": [{"text": "Mira", "answer_start": 0}],
+                            "is_impossible": True,
+                        },
+                    ],
+                }
+            ],
+        }
+    ],
+}
+FLAT = [
+    {
+        "id": "q1",
+        "title": "Harbor",
+        "context": CONTEXT,
+        "question": "  Where did Mira go? ",
+        "answers": {"text": ["the harbor", "harbor"], "answer_start": [13, 17]},
+    },
+    {
+        "id": "q2",
+        "title": "Harbor",
+        "context": CONTEXT,
+        "question": "Who painted the tower?",
+        "answers": {"text": [], "answer_start": []},
+    },
+]
+
+
+def _write_squad_forms(folder) -> dict[str, str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = {
+        "nested": folder / "nested.json",
+        "flat_jsonl": folder / "flat.jsonl",
+        "flat_list": folder / "list.json",
+        "flat_under_data": folder / "sample.json",
+        "parquet": folder / "flat.parquet",
+    }
+    paths["nested"].write_text(json.dumps(NESTED_V2))
+    write_jsonl(paths["flat_jsonl"], FLAT)
+    paths["flat_list"].write_text(json.dumps(FLAT))
+    # transformers' own SQuAD sample layout: flat records under "data", without titles.
+    untitled = [{key: value for key, value in record.items() if key != "title"} for record in FLAT]
+    paths["flat_under_data"].write_text(json.dumps({"version": 2.0, "data": untitled}))
+    pq.write_table(pa.Table.from_pylist(FLAT), paths["parquet"])
+    return {name: str(path) for name, path in paths.items()}
+
+
+def test_squad_prompt_is_system_plus_context_and_question(tmp_path):
+    dataset = load_squad_prompts(_write_squad_forms(tmp_path)["nested"], system_prompt="Answer briefly.")
+    first, second = dataset.to_list()
+    assert first["prompt"] == [
+        {"role": "system", "content": "Answer briefly."},
+        user(f"Context: {CONTEXT}\n\nQuestion: Where did Mira go?"),
+    ]
+    assert first["answers"] == {"text": ["the harbor", "harbor"], "answer_start": [13, 17]}
+    assert (first["is_impossible"], second["is_impossible"]) == (False, True)
+    assert second["answers"] == {"text": [], "answer_start": []}
+    without_system = load_squad_prompts(_write_squad_forms(tmp_path)["nested"], system_prompt=None)
+    assert without_system[0]["prompt"] == [user(f"Context: {CONTEXT}\n\nQuestion: Where did Mira go?")]
+
+
+def test_squad_prompt_without_context_is_the_question_alone(tiny_tokenizer, tmp_path):
+    dataset = load_squad_prompts(
+        _write_squad_forms(tmp_path)["nested"], system_prompt=None, include_context=False
+    )
+    assert dataset[0]["prompt"] == [user("Where did Mira go?")]
+    assert dataset[0]["context"] == CONTEXT
+    # Cutting a context that is not in the prompt cannot help: such a prompt is dropped, not rewritten.
+    prepared, report = prepare_prompts(dataset, tiny_tokenizer, 3, long_prompts="cut_context")
+    assert prepared.num_rows == 0 and report.dropped == {data.PROMPT_TOO_LONG: 2}
+
+
+def test_every_squad_form_gives_identical_prompts_and_answers(tmp_path):
+    forms = {name: load_squad_prompts(path).to_list() for name, path in _write_squad_forms(tmp_path).items()}
+    reference = forms.pop("nested")
+    for name, rows in forms.items():
+        for row in rows:
+            if name == "flat_under_data":
+                assert row.pop("title") == ""
+                row["title"] = "Harbor"
+        assert rows == reference, name
+
+
+def test_synthetic_nested_and_flat_squad_match_and_answers_point_into_context(tmp_path):
+    nested = load_squad_prompts(write_tiny_squad(tmp_path / "s.json", n=40, seed=2))
+    flat = load_squad_prompts(write_tiny_squad(tmp_path / "s.jsonl.gz", n=40, seed=2, nested=False))
+    assert nested.to_list() == flat.to_list()
+    assert nested.num_rows == 40
+    for row in nested:
+        for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"]):
+            assert row["context"][start : start + len(text)] == text
+
+
+def test_squad_hub_id_goes_through_datasets_load_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_list(FLAT)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    from_hub = load_squad_prompts("rajpurkar/squad_v2", split="validation").to_list()
+    assert calls == [("rajpurkar/squad_v2", {"data_dir": None, "split": "validation"})]
+    assert from_hub == load_squad_prompts(_write_squad_forms(tmp_path)["nested"]).to_list()
+
+
+def test_malformed_squad_record_names_its_location(tmp_path):
+    broken = json.loads(json.dumps(NESTED_V2))
+    del broken["data"][0]["paragraphs"][0]["qas"][1]["question"]
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(broken))
+    with pytest.raises(
+        ValueError, match=r"broken\.json: row 0\.paragraphs\[0\]\.qas\[1\]: missing 'question'"
+    ):
+        load_squad_prompts(str(path))
+
+
+# --------------------------------------------------------------------------------------- prompt encoding
+
+
+@pytest.fixture(scope="module")
+def squad_prompts(tmp_path_factory):
+    return load_squad_prompts(write_tiny_squad(tmp_path_factory.mktemp("squad") / "s.json", n=30, seed=5))
+
+
+def test_prompt_ids_equal_the_chat_template_with_one_bos(tiny_tokenizer, squad_prompts):
+    prepared, report = prepare_prompts(squad_prompts, tiny_tokenizer, max_prompt_length=4096)
+    assert report.kept == 30 and report.dropped == {}
+    for row in prepared:
+        expected = template_ids(tiny_tokenizer, row["prompt"], add_generation_prompt=True)
+        assert row["input_ids"] == expected
+        assert row["input_ids"].count(BOS_ID) == 1 and row["input_ids"][0] == BOS_ID
+        assert tiny_tokenizer.decode(row["input_ids"]).endswith(
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+
+
+def test_long_prompts_are_dropped_and_counted(tiny_tokenizer, squad_prompts):
+    lengths = [len(template_ids(tiny_tokenizer, row["prompt"], True)) for row in squad_prompts]
+    limit = sorted(lengths)[len(lengths) // 2]
+    prepared, report = prepare_prompts(squad_prompts, tiny_tokenizer, max_prompt_length=limit)
+    too_long = [index for index, length in enumerate(lengths) if length > limit]
+    assert report.dropped == {data.PROMPT_TOO_LONG: len(too_long)}
+    assert report.examples[data.PROMPT_TOO_LONG] == too_long[:5]
+    assert prepared["id"] == [row["id"] for index, row in enumerate(squad_prompts) if index not in too_long]
+
+
+def _sentences(text: str) -> list[str]:
+    return re.findall(r"[^.!?]+[.!?]", text)
+
+
+def test_cut_context_keeps_whole_sentences_around_the_answer(tiny_tokenizer, squad_prompts):
+    lengths = [len(template_ids(tiny_tokenizer, row["prompt"], True)) for row in squad_prompts]
+    limit = min(lengths) + 5
+    prepared, report = prepare_prompts(squad_prompts, tiny_tokenizer, limit, long_prompts="cut_context")
+    by_id = {row["id"]: row for row in squad_prompts}
+    assert report.kept + report.dropped_total == 30 and report.shortened > 0
+    for row in prepared:
+        original = by_id[row["id"]]
+        assert len(row["input_ids"]) <= limit
+        assert row["input_ids"] == template_ids(tiny_tokenizer, row["prompt"], True)
+        sentences = [sentence.strip() for sentence in _sentences(original["context"])]
+        kept = [sentence.strip() for sentence in _sentences(row["context"])]
+        first = sentences.index(kept[0])
+        assert sentences[first : first + len(kept)] == kept  # a contiguous run of whole sentences
+        assert row["answers"]["text"][0] == original["answers"]["text"][0]
+        for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"]):
+            assert row["context"][start : start + len(text)] == text
+        # Maximal: one more sentence on either side would not fit.
+        for neighbour in (first - 1, first + len(kept)):
+            if 0 <= neighbour < len(sentences) and row["context"] != original["context"]:
+                wider = sentences[min(first, neighbour) : max(first + len(kept), neighbour + 1)]
+                prompt = [
+                    *row["prompt"][:-1],
+                    user(f"Context: {' '.join(wider)}\n\nQuestion: {original['question']}"),
+                ]
+                assert len(template_ids(tiny_tokenizer, prompt, True)) > limit
+
+
+def test_cut_context_needs_context_and_question_columns(tiny_tokenizer, squad_prompts):
+    with pytest.raises(ValueError, match="no 'context' column"):
+        prepare_prompts(
+            squad_prompts.remove_columns("context"), tiny_tokenizer, 50, long_prompts="cut_context"
+        )
+
+
+class _DoubleBosTokenizer:
+    """A tokenizer whose template writes BOS and whose encoding adds another."""
+
+    bos_token_id = 0
+
+    def apply_chat_template(self, conversations, **kwargs):
+        return [[0, 0, 7, 8] for _ in conversations]
+
+
+def test_a_doubled_bos_is_collapsed_to_one():
+    assert data.encode_chat(_DoubleBosTokenizer(), [user("x")], add_generation_prompt=True) == [0, 7, 8]
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize(
+    ("prediction", "references", "exact", "f1"),
+    [
+        ("The Harbor!", ["harbor"], 1.0, 1.0),
+        ("an apple", ["Apple."], 1.0, 1.0),
+        ("a silver canyon today", ["silver canyon"], 0.0, 0.8),  # P=2/3, R=1
+        ("green green lantern", ["the green lantern", "tower"], 0.0, 0.8),  # overlap 2 of 3 and of 2
+        ("tower", ["river"], 0.0, 0.0),
+        ("", [], 1.0, 1.0),  # SQuAD v2: an unanswerable question answered with nothing
+        ("something", [], 0.0, 0.0),
+    ],
+)
+def test_squad_metrics_on_hand_computed_cases(prediction, references, exact, f1):
+    assert squad_exact_match(prediction, references) == exact
+    assert squad_f1(prediction, references) == pytest.approx(f1)
+
+
+def _f1_by_removal(prediction: str, reference: str) -> float:
+    """Second implementation: count overlap by removing matched tokens from a list."""
+
+    def tokens(text):
+        kept = "".join(ch for ch in text.lower() if ch.isalnum() or ch.isspace())
+        return [word for word in kept.split() if word not in ("a", "an", "the")]
+
+    predicted, remaining = tokens(prediction), tokens(reference)
+    if not predicted or not remaining:
+        return float(predicted == remaining)
+    overlap = 0
+    for word in predicted:
+        if word in remaining:
+            remaining.remove(word)
+            overlap += 1
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(predicted), overlap / len(tokens(reference))
+    return 2 * precision * recall / (precision + recall)
+
+
+_ANSWER_WORDS = ["the", "a", "An", "harbor", "Harbor!", "green", "lantern,", "12", "U.S.", "river"]
+_ANSWER_TEXT = st.lists(st.sampled_from(_ANSWER_WORDS), max_size=6).map(" ".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(prediction=_ANSWER_TEXT, reference=_ANSWER_TEXT)
+def test_f1_matches_a_second_implementation(prediction, reference):
+    assert squad_f1(prediction, [reference]) == pytest.approx(_f1_by_removal(prediction, reference))
+    assert squad_exact_match(prediction, [reference]) <= squad_f1(prediction, [reference])
+
+
+def test_squad_scores_skip_unanswerable_questions():
+    scores = squad_scores(["harbor", "tower", "anything"], [["the harbor"], ["river", "tower x"], []])
+    assert scores["scored"] == 2 and scores["skipped_unanswerable"] == 1
+    assert scores["exact_match"] == pytest.approx(0.5)
+    assert scores["f1"] == pytest.approx((1.0 + 2 / 3) / 2)  # "tower" vs "tower x": P=1, R=1/2
+
+
+# ------------------------------------------------------------------------------------- reports, registry
+
+
+def test_report_summary_is_one_line():
+    report = DataReport("step", total=4)
+    report.record_kept(0)
+    report.record_kept(1, shortened=True)
+    report.record_dropped(2, "a_reason")
+    report.record_dropped(3, "a_reason")
+    assert (
+        report.summary()
+        == "step: 4 rows, kept 2 (1 shortened, e.g. rows 1), dropped 2: a_reason 2 (e.g. rows 2, 3)"
+    )
+    assert Counter(report.dropped) == Counter({"a_reason": 2})
+
+
+def test_builtin_data_sources_are_registered():
+    from trl_multiadapter.registry import data_sources
+
+    assert data_sources.get("hh_rlhf") is load_hh_rlhf
+    assert data_sources.get("squad") is load_squad_prompts
