@@ -69,12 +69,11 @@ def build_tiny_model(size: str = "tiny", task: str = "causal", seed: int = 0, vo
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     config = tiny_llama_config(size, vocab_size=vocab_size, num_labels=num_labels)
     model_class = LlamaForCausalLM if task == "causal" else LlamaForSequenceClassification
-    devices = [torch.device("cpu")]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
-    del devices
-    model.generation_config.pad_token_id = PAD_TOKEN_ID
-    model.generation_config.eos_token_id = [EOT_TOKEN_ID, EOS_TOKEN_ID]
-    model.generation_config.bos_token_id = BOS_TOKEN_ID
+    if task == "causal":  # transformers 5 sequence-classification models have no generation_config
+        model.generation_config.pad_token_id = PAD_TOKEN_ID
+        model.generation_config.eos_token_id = [EOT_TOKEN_ID, EOS_TOKEN_ID]
+        model.generation_config.bos_token_id = BOS_TOKEN_ID
     return model.eval()
