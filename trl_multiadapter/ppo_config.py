@@ -1,0 +1,248 @@
+"""``MultiAdapterPPOConfig``: the PPO settings, a ``transformers.TrainingArguments`` dataclass.
+
+Field names follow TRL 0.11's ``PPOConfig`` (``batch_size``, ``mini_batch_size``, ``ppo_epochs``,
+``init_kl_coef``, ``adap_kl_ctrl``, ...) so old configs carry over; everything ``TrainingArguments``
+already has (``learning_rate``, ``max_grad_norm``, ``gradient_accumulation_steps``, ``seed``, ``bf16``,
+``report_to``, ``logging_steps``, ``save_steps``, ``max_steps``) keeps its transformers meaning, with
+``max_steps`` counting PPO iterations. The class parses from flat YAML and CLI flags with
+``trl.TrlParser``. This module imports no torch: the CLI's ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+# Accepted by ppo_math.kl_penalty (aliases included); kept here so the config needs no torch import.
+KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "full")
+VALUE_MODELS = ("head", "critic")
+REFERENCE_MODES = ("base", "policy_init")
+ROLLOUT_LOGPROB_SOURCES = ("generation", "forward")
+
+
+@dataclass
+class MultiAdapterPPOConfig(TrainingArguments):
+    """Configuration of :class:`~trl_multiadapter.MultiAdapterPPOTrainer`.
+
+    One PPO iteration (one ``max_steps`` unit) samples ``batch_size`` prompts per process, generates,
+    scores, then runs ``ppo_epochs`` passes over the batch in mini-batches of ``mini_batch_size``, taking
+    an optimizer step every ``gradient_accumulation_steps`` mini-batches (TRL 0.11 semantics). Each
+    field's ``help`` is its documentation.
+    """
+
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
+
+    # ---- defaults that differ from TrainingArguments -------------------------------------------------
+    learning_rate: float = field(
+        default=1.41e-5, metadata={"help": "Adam learning rate of the policy adapter and value head (TRL 0.11 default)."}
+    )
+    logging_steps: float = field(
+        default=1, metadata={"help": "Log metrics every this many PPO iterations (a float < 1 is a ratio of max_steps)."}
+    )
+    use_cache: bool = field(default=True, metadata={"help": "Use the KV cache while sampling responses."})
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={
+            "help": "Learning-rate schedule, stepped once per PPO iteration over max_steps iterations (TRL 0.11 "
+            "used a constant rate; 'linear', 'cosine', ... as in TrainingArguments)."
+        },
+    )
+
+    # ---- batch arithmetic -----------------------------------------------------------------------------
+    batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "Prompts sampled per PPO iteration on each process. Must be a multiple of "
+            "mini_batch_size * gradient_accumulation_steps."
+        },
+    )
+    mini_batch_size: int = field(
+        default=1, metadata={"help": "Rollouts per forward/backward pass during optimisation, on each process."}
+    )
+    ppo_epochs: int = field(default=4, metadata={"help": "Optimisation passes over each batch of rollouts."})
+
+    # ---- KL penalty and controller --------------------------------------------------------------------
+    init_kl_coef: float = field(
+        default=0.2, metadata={"help": "Initial KL coefficient beta of the per-token penalty -beta * KL_t."}
+    )
+    adap_kl_ctrl: bool = field(
+        default=True, metadata={"help": "Adapt beta towards `target` (Ziegler et al. 2019); False keeps it fixed."}
+    )
+    target: float = field(default=6.0, metadata={"help": "Target KL (nats per sequence) of the adaptive controller."})
+    horizon: float = field(default=10000, metadata={"help": "Horizon (in samples) of the adaptive KL controller."})
+    kl_estimator: str = field(
+        default="k1",
+        metadata={
+            "help": "Per-token KL estimator in the reward: k1 (alias kl), abs, k2 (alias mse), k3, or full "
+            "(exact KL over the vocabulary)."
+        },
+    )
+
+    # ---- advantages and losses ------------------------------------------------------------------------
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the probability ratio (policy loss)."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value function update."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss in the total loss."})
+    whiten_rewards: bool = field(
+        default=False, metadata={"help": "Whiten the per-token rewards (no mean shift) before GAE."}
+    )
+    ratio_threshold: float = field(
+        default=10.0,
+        metadata={
+            "help": "Skip a mini-batch (no gradient, no optimizer step) when its mean probability ratio exceeds this."
+        },
+    )
+
+    # ---- scores -----------------------------------------------------------------------------------------
+    use_score_scaling: bool = field(
+        default=False, metadata={"help": "Divide scores by their running standard deviation."}
+    )
+    use_score_norm: bool = field(
+        default=False,
+        metadata={"help": "With use_score_scaling, also subtract the running mean (normalise instead of scale)."},
+    )
+    score_clip: float | None = field(
+        default=None, metadata={"help": "Clip scores to [-score_clip, score_clip] after scaling; None: no clipping."}
+    )
+    missing_eos_penalty: float | None = field(
+        default=None, metadata={"help": "Subtracted from the score of a response that never emits the stop token."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the reward_funcs in their weighted sum; None: all 1."}
+    )
+
+    # ---- sampling ---------------------------------------------------------------------------------------
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature; also used in every logprob computation."}
+    )
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling; 0 disables it."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold; 1.0 disables it."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Maximum number of sampled response tokens."})
+    stop_token: str | None = field(
+        default="eos",
+        metadata={
+            "help": "Where responses end: 'eos' (the tokenizer's EOS and the model's eos_token_id, e.g. "
+            "<|eot_id|>), a token string, or None for fixed-length responses. Tokens after the first stop "
+            "token are padding."
+        },
+    )
+
+    # ---- logprobs ---------------------------------------------------------------------------------------
+    rollout_logprobs: str = field(
+        default="generation",
+        metadata={
+            "help": "'generation': take old logprobs and values from the sampling pass (fast; the first "
+            "ratio is 1 within float32 rounding, ~1e-6). 'forward': recompute them with a no-grad training "
+            "forward over the first epoch's mini-batches (one more forward; the first ratio is exactly 1)."
+        },
+    )
+
+    # ---- model (used when `model` is a model id or path) ---------------------------------------------
+    value_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "'head': value head on the policy's hidden states; 'critic': separate LoRA critic adapter. "
+            "None: the given MultiAdapterModel's choice, or 'head' when loading by id."
+        },
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "'base': the base with adapters disabled; 'policy_init': a frozen copy of the starting "
+            "policy adapter. None: the model's choice, or 'base' when loading by id."
+        },
+    )
+    policy_adapter: str | None = field(
+        default=None, metadata={"help": "Directory of a PEFT adapter the policy starts from (e.g. an SFT adapter)."}
+    )
+    critic_init: str | None = field(
+        default=None, metadata={"help": "With value_model='critic': 'reward' initialises the critic from the reward adapter."}
+    )
+    reward_label_index: int | None = field(
+        default=None, metadata={"help": "Label of a legacy multi-label reward head to read as the score."}
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for MultiAdapterModel.from_pretrained when `model` is an id or path "
+            "(e.g. {\"dtype\": \"bfloat16\"} for a bf16 frozen base)."
+        },
+    )
+
+    def __post_init__(self):
+        self._validate_ppo_fields()
+        super().__post_init__()
+
+    @property
+    def backward_batch_size(self) -> int:
+        """Rollouts per optimizer step on one process (TRL 0.11's name)."""
+        return self.mini_batch_size * self.gradient_accumulation_steps
+
+    def _validate_ppo_fields(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "use a positive number of prompts")
+        _require(self.mini_batch_size >= 1, "mini_batch_size", self.mini_batch_size, "use at least 1")
+        _require(
+            self.gradient_accumulation_steps >= 1,
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            "use at least 1",
+        )
+        if self.batch_size % self.backward_batch_size != 0:
+            raise ValueError(
+                f"`batch_size` ({self.batch_size}) must be a multiple of `mini_batch_size` * "
+                f"`gradient_accumulation_steps` ({self.mini_batch_size} * {self.gradient_accumulation_steps} = "
+                f"{self.backward_batch_size}), per process: change batch_size to a multiple of "
+                f"{self.backward_batch_size} or lower mini_batch_size/gradient_accumulation_steps."
+            )
+        _require(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "use at least 1")
+        _require_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _require_choice("rollout_logprobs", self.rollout_logprobs, ROLLOUT_LOGPROB_SOURCES)
+        _require_choice("value_model", self.value_model, VALUE_MODELS, optional=True)
+        _require_choice("reference", self.reference, REFERENCE_MODES, optional=True)
+        _require_choice("critic_init", self.critic_init, ("reward",), optional=True)
+        _require(self.init_kl_coef >= 0, "init_kl_coef", self.init_kl_coef, "use a coefficient >= 0")
+        if self.adap_kl_ctrl:
+            _require(self.target > 0, "target", self.target, "use a positive target KL")
+            _require(self.horizon > 0, "horizon", self.horizon, "use a positive horizon")
+        _require(0 <= self.gamma <= 1, "gamma", self.gamma, "use a value in [0, 1]")
+        _require(0 <= self.lam <= 1, "lam", self.lam, "use a value in [0, 1]")
+        _require(self.cliprange > 0, "cliprange", self.cliprange, "use a positive clip range")
+        _require(self.cliprange_value > 0, "cliprange_value", self.cliprange_value, "use a positive clip range")
+        _require(self.vf_coef >= 0, "vf_coef", self.vf_coef, "use a weight >= 0")
+        _require(self.ratio_threshold > 0, "ratio_threshold", self.ratio_threshold, "use a positive threshold")
+        if self.score_clip is not None:
+            _require(self.score_clip > 0, "score_clip", self.score_clip, "use a positive bound or None")
+        if self.use_score_norm and not self.use_score_scaling:
+            raise ValueError(
+                "`use_score_norm=True` only acts together with `use_score_scaling=True`: set both, or neither."
+            )
+        _require(self.temperature > 0, "temperature", self.temperature, "use a positive temperature")
+        _require(self.top_k >= 0, "top_k", self.top_k, "use 0 (disabled) or a positive k")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "use a value in (0, 1]")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "sample at least 1 token")
+        if self.stop_token is not None and self.stop_token == "":
+            raise ValueError("`stop_token` is empty: use 'eos', a token string, or None (null in YAML).")
+        if self.missing_eos_penalty is not None and self.stop_token is None:
+            raise ValueError(
+                "`missing_eos_penalty` needs a stop token: set `stop_token` ('eos' or a token string) or drop the penalty."
+            )
+        if self.critic_init is not None and self.value_model == "head":
+            raise ValueError("`critic_init` only applies with `value_model='critic'`.")
+        if self.reward_weights is not None and any(w != w for w in self.reward_weights):
+            raise ValueError("`reward_weights` contains NaN.")
+
+
+def _require(condition: bool, name: str, value, fix: str) -> None:
+    if not condition:
+        raise ValueError(f"`{name}` = {value!r} is invalid: {fix}.")
+
+
+def _require_choice(name: str, value, choices: tuple[str, ...], optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if value not in choices:
+        valid = ", ".join(repr(choice) for choice in choices) + (", or None" if optional else "")
+        raise ValueError(f"`{name}` = {value!r} is not one of the valid values: {valid}.")
