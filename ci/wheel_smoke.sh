@@ -33,3 +33,4 @@ echo "== trl-multiadapter env"
 "$WORK/venv/bin/trl-multiadapter" env
 echo "== import smoke test"
 "$PY" "$ROOT/ci/smoke_installed.py" --wheel "$WHEEL" --source "$WORK/src"
+echo "== wheel smoke test done in ${SECONDS}s"

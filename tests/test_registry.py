@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -342,3 +345,23 @@ def test_builtin_modules_are_imported_on_first_lookup(dists):
         assert second.data_sources.get("builtin_lines") is first.data_sources.get("builtin_lines")
     finally:
         reg.data_sources.unregister("builtin_lines")
+
+
+def test_package_builtin_modules_register_on_first_lookup_in_a_fresh_process():
+    code = (
+        "import json, sys\n"
+        "from trl_multiadapter import registry\n"
+        "listed = sorted({m for ms in registry.BUILTIN_MODULES.values() for m in ms})\n"
+        "before = [m for m in listed if m in sys.modules]\n"
+        "found = {kind: sorted({registry.registries[kind].entry(n).origin for n in registry.registries[kind].names()})\n"
+        "         for kind in registry.REGISTRY_KINDS}\n"
+        "print(json.dumps({'before': before, 'found': found, 'builtins': registry.BUILTIN_MODULES}))\n"
+    )
+    env = {**os.environ, reg.DISABLE_PLUGINS_ENV: "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["before"] == []  # importing the registry imports no built-in module
+    for kind, modules in report["builtins"].items():
+        for module in modules:  # every listed module registered at least one entry of its kind
+            assert module in report["found"][kind], (kind, module, report["found"])
