@@ -1,0 +1,324 @@
+"""Rollouts for multi-adapter PPO: sampling with a KV cache, padding, and per-mini-batch slicing.
+
+Sampling runs its own short decode loop over the model's decoder instead of ``generate()``: each step
+already computes the final hidden state and the raw logits of the next token, so the policy's
+log-probabilities (at the sampling temperature) and the value head's values are read off the same
+pass. That removes the separate no-grad "rollout forward" TRL 0.11 ran after generation, and the
+sampling distribution is exactly softmax(logits / temperature) with optional top-k / top-p, whatever
+a model's ``generation_config`` says (``generate()`` would merge in e.g. a checkpoint's repetition
+penalty). Top-k and top-p use transformers' own warpers.
+
+Layout (one row per prompt)::
+
+    query_ids      [pad pad p1 p2 p3]          left-padded prompt, shape (B, P)
+    response_ids   [r1 r2 <eot> pad pad]       sampled tokens, pad after the first stop token, (B, R)
+    response_mask  [ 1  1   1    0   0 ]       1 up to and including the stop token
+
+``input_ids = cat(query_ids, response_ids)``; response token j sits at column P + j and is predicted by
+the logits at column P + j - 1, where the value V(s_j) is read as well.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from . import ppo_math
+from .model import position_ids_from_mask
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are sampled. ``stop_token_ids`` empty: fixed-length responses."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    keep_logits: bool = False  # keep the (B, R, V) raw logits, for the "full" KL estimator
+    capture_values: bool = True  # value head on the policy's hidden states (value_model="head")
+
+
+@dataclass
+class Rollout:
+    """Prompts and sampled responses of one PPO batch (shapes in the comments)."""
+
+    query_ids: torch.Tensor  # (B, P) long, left-padded
+    query_mask: torch.Tensor  # (B, P) long, 1 on prompt tokens
+    response_ids: torch.Tensor  # (B, R) long, pad after the stop token
+    response_mask: torch.Tensor  # (B, R) long, 1 up to and including the first stop token
+    stopped: torch.Tensor  # (B,) bool, the response contains a stop token
+    logprobs: torch.Tensor | None = None  # (B, R) float32, log pi_old(a_j | s_j) at the sampling temperature
+    values: torch.Tensor | None = None  # (B, R) float32, V_old(s_j)
+    logits: torch.Tensor | None = None  # (B, R, V) float32 raw policy logits (full KL only)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)  # (B, P + R)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)  # (B, P + R)
+
+    @property
+    def batch_size(self) -> int:
+        return self.query_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout restricted to ``rows`` (B',) in that order."""
+        return replace(self, **_select_fields(self, rows))
+
+
+@dataclass
+class TrainingBatch:
+    """What one PPO optimisation needs per rollout; every (B, R) tensor is aligned with the responses."""
+
+    query_ids: torch.Tensor  # (B, P)
+    query_mask: torch.Tensor  # (B, P)
+    response_ids: torch.Tensor  # (B, R)
+    response_mask: torch.Tensor  # (B, R)
+    old_logprobs: torch.Tensor  # (B, R)
+    old_values: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R)
+
+    @property
+    def batch_size(self) -> int:
+        return self.query_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> TrainingBatch:
+        return replace(self, **_select_fields(self, rows))
+
+    def trimmed(self) -> TrainingBatch:
+        """Drop prompt columns that are padding in every row and response columns after every stop.
+
+        Positions come from the attention mask, so the forward pass gives the same numbers for the
+        kept tokens; a mini-batch of one becomes its unpadded sequence.
+        """
+        first_query_column = int(ppo_math.first_true_indices(self.query_mask.any(dim=0, keepdim=True))[0])
+        response_length = int(ppo_math.last_token_indices(self.response_mask.any(dim=0, keepdim=True))[0]) + 1
+        response_length = max(response_length, 1)
+        trimmed = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name.startswith("query"):
+                trimmed[field.name] = value[:, first_query_column:]
+            else:
+                trimmed[field.name] = value[:, :response_length]
+        return replace(self, **trimmed)
+
+
+def _select_fields(batch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    selected = {}
+    for field in fields(batch):
+        value = getattr(batch, field.name)
+        if isinstance(value, torch.Tensor):
+            selected[field.name] = value.index_select(0, rows.to(value.device))
+    return selected
+
+
+# ---------------------------------------------------------------------------------------------------
+# padding
+
+
+def left_pad(sequences: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int, device=None):
+    """Token id lists -> (ids (B, L) left-padded with ``pad_token_id``, mask (B, L))."""
+    return _pad(sequences, pad_token_id, device, left=True)
+
+
+def right_pad(sequences: Sequence[Sequence[int] | torch.Tensor], pad_token_id: int, device=None):
+    """Token id lists -> (ids (B, L) right-padded with ``pad_token_id``, mask (B, L))."""
+    return _pad(sequences, pad_token_id, device, left=False)
+
+
+def _pad(sequences, pad_token_id: int, device, left: bool):
+    rows = [torch.as_tensor(sequence, dtype=torch.long).flatten() for sequence in sequences]
+    if not rows:
+        raise ValueError("cannot pad an empty list of sequences")
+    empty = [index for index, row in enumerate(rows) if row.numel() == 0]
+    if empty:
+        raise ValueError(f"sequences {empty} are empty; every prompt and response needs at least one token")
+    length = max(row.numel() for row in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for index, row in enumerate(rows):
+        columns = slice(length - row.numel(), length) if left else slice(0, row.numel())
+        ids[index, columns] = row
+        mask[index, columns] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampling
+
+
+def sample_rollout(model, query_ids: torch.Tensor, query_mask: torch.Tensor, settings: SamplingSettings) -> Rollout:
+    """Sample one response per prompt with the policy adapter and record logprobs and values.
+
+    model: a ``MultiAdapterModel``; query_ids, query_mask (B, P) left-padded prompts. Runs under
+    ``torch.inference_mode`` and returns ordinary tensors (usable as constants in a later backward).
+    """
+    with torch.inference_mode():
+        rollout = _sample(model, query_ids, query_mask, settings)
+    return Rollout(**{key: _plain(value) for key, value in vars(rollout).items()})
+
+
+def _plain(value):
+    # Inference tensors cannot be saved for backward; the rollout feeds the training forward.
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _sample(model, query_ids, query_mask, settings: SamplingSettings) -> Rollout:
+    causal_lm = model.peft_model.get_base_model()
+    decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    warpers = _warpers(settings)
+    device = query_ids.device
+    batch_size = query_ids.shape[0]
+    stop_ids = torch.tensor(settings.stop_token_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    tokens, masks, logprobs, values, kept_logits = [], [], [], [], []
+    with model.role("policy"):
+        model.train(False)  # role() restores the mode; a checkpointing layer in training mode drops the cache
+        cache = _new_cache(causal_lm)
+        attention_mask = query_mask
+        step_ids, position_ids = query_ids, position_ids_from_mask(query_mask)
+        for _ in range(settings.max_new_tokens):
+            hidden = _decode(decoder, step_ids, attention_mask, position_ids, cache)  # (B, H), last position
+            logits = lm_head(hidden).float()  # (B, V)
+            next_ids = _draw(logits, settings, warpers)
+            active = ~finished
+            token = torch.where(active, next_ids, settings.pad_token_id)
+            token_logprob = ppo_math.logprobs_from_logits(logits[:, None], token[:, None], settings.temperature)[:, 0]
+            tokens.append(token)
+            masks.append(active)
+            logprobs.append(torch.where(active, token_logprob, 0.0))
+            if settings.capture_values:
+                values.append(torch.where(active, value_from_hidden(model, hidden), 0.0))
+            if settings.keep_logits:
+                kept_logits.append(logits)
+            if stop_ids.numel():
+                finished = finished | (active & torch.isin(token, stop_ids))
+            if bool(finished.all()):
+                break
+            attention_mask = torch.cat([attention_mask, active[:, None].to(attention_mask.dtype)], dim=1)
+            step_ids = token[:, None]
+            position_ids = attention_mask.sum(dim=1, keepdim=True) - 1
+    return Rollout(
+        query_ids=query_ids,
+        query_mask=query_mask,
+        response_ids=torch.stack(tokens, dim=1),
+        response_mask=torch.stack(masks, dim=1).long(),
+        stopped=finished,
+        logprobs=torch.stack(logprobs, dim=1),
+        values=torch.stack(values, dim=1) if values else None,
+        logits=torch.stack(kept_logits, dim=1) if kept_logits else None,
+    )
+
+
+def value_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """V(s) from final hidden states (..., H) -> (...), as ``policy_forward`` computes values."""
+    head = model.value_head
+    return head(hidden.to(device=head.weight.device, dtype=head.weight.dtype)).squeeze(-1).float()
+
+
+def _decode(decoder, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+    outputs = decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **{_cache_argument(decoder): cache},
+    )
+    return outputs.last_hidden_state[:, -1]
+
+
+def _cache_argument(decoder) -> str:
+    # transformers renamed `past_key_values` to `cache` (5.x); use whichever the decoder takes.
+    parameters = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _new_cache(causal_lm):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=causal_lm.config)
+
+
+def _warpers(settings: SamplingSettings) -> list:
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = []
+    if settings.top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k=settings.top_k))
+    if settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=settings.top_p))
+    return warpers
+
+
+def _draw(logits: torch.Tensor, settings: SamplingSettings, warpers: list) -> torch.Tensor:
+    """One token per row from softmax(warp(logits / temperature)). (B, V) -> (B,)."""
+    scores = logits / settings.temperature if settings.temperature != 1.0 else logits
+    for warper in warpers:
+        scores = warper(None, scores)
+    probabilities = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probabilities, num_samples=1).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# prompt order
+
+
+class PromptSampler:
+    """Which prompts each PPO iteration uses: a seeded shuffle per data epoch, sharded by process.
+
+    Process ``k`` of ``n`` takes every n-th prompt of the epoch's order, so ranks sample different
+    prompts; each iteration takes the next ``batch_size`` of them and an incomplete tail is dropped
+    (as TRL 0.11's dataloader did). The state is (epoch, batch), so a resumed run continues with
+    the very prompts it would have used.
+    """
+
+    def __init__(self, num_prompts: int, batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1):
+        self.batches_per_epoch = (num_prompts // num_processes) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"train_dataset has {num_prompts} prompts, fewer than one PPO batch: batch_size ({batch_size}) x "
+                f"processes ({num_processes}) = {batch_size * num_processes}; add prompts or lower batch_size"
+            )
+        self.num_prompts = num_prompts
+        self.batch_size = batch_size
+        self.seed = seed
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.epoch = 0
+        self.batch_index = 0
+        self._shard_epoch, self._shard = None, None
+
+    def next_batch(self) -> list[int]:
+        if self.batch_index == self.batches_per_epoch:
+            self.epoch, self.batch_index = self.epoch + 1, 0
+        start = self.batch_index * self.batch_size
+        self.batch_index += 1
+        return self._epoch_shard()[start : start + self.batch_size]
+
+    def _epoch_shard(self) -> list[int]:
+        if self._shard_epoch != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_prompts, generator=generator).tolist()
+            self._shard_epoch, self._shard = self.epoch, order[self.process_index :: self.num_processes]
+        return self._shard
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "num_prompts": self.num_prompts}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_prompts"] != self.num_prompts:
+            raise ValueError(
+                f"the checkpoint was trained on {state['num_prompts']} prompts but train_dataset has "
+                f"{self.num_prompts}; resume with the same dataset"
+            )
+        self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
