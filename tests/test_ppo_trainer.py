@@ -9,7 +9,12 @@ a LoRA on the LM head can learn in a few dozen iterations of the tiny model.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -545,3 +550,70 @@ def test_constructor_errors_name_the_fix(tmp_path, tiny_tokenizer):
     trainer = make_trainer(tmp_path, tiny_tokenizer, model=model, reward_funcs=None)
     with pytest.raises(ValueError, match="reward source"):
         trainer.train()
+
+
+# --------------------------------------------------------------------------- data parallel
+
+DDP_WORKER = """\
+import hashlib, json, os, sys
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from peft import LoraConfig
+from trl_multiadapter import MultiAdapterModel, MultiAdapterPPOConfig, MultiAdapterPPOTrainer
+from trl_multiadapter.testing import build_tiny_model, build_tiny_tokenizer
+
+seen = []
+def reward(prompts, completions, completion_ids, **kwargs):
+    seen.extend(prompts)
+    return [float(sum(100 <= t < 164 for t in ids)) for ids in completion_ids]
+
+torch.manual_seed(int(os.environ.get("RANK", 0)))  # different init per rank: the trainer must broadcast
+model = MultiAdapterModel.from_pretrained(build_tiny_model("tiny"), policy_config=LoraConfig(
+    r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False))
+args = MultiAdapterPPOConfig(output_dir=sys.argv[1], use_cpu=True, batch_size=4, mini_batch_size=2, ppo_epochs=2,
+                             max_steps=2, max_new_tokens=6, learning_rate=3e-3, save_strategy="no", seed=0,
+                             disable_tqdm=True, report_to="none")
+dataset = Dataset.from_dict({"prompt": [f"prompt number {i}" for i in range(16)]})
+trainer = MultiAdapterPPOTrainer(model=model, args=args, processing_class=build_tiny_tokenizer(),
+                                 train_dataset=dataset, reward_funcs=[reward])
+trainer.train()
+sha = hashlib.sha256()
+for p in model.trainable_parameters():
+    sha.update(p.detach().contiguous().numpy().tobytes())
+result = {"rank": dist.get_rank(), "world": dist.get_world_size(), "num_processes": trainer.num_processes,
+          "digest": sha.hexdigest(), "prompts": seen, "backend": dist.get_backend()}
+results = [None, None]
+dist.all_gather_object(results, result)
+if dist.get_rank() == 0:
+    with open(os.path.join(sys.argv[1], "ddp.json"), "w") as f:
+        json.dump(results, f)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_process_gloo_run_keeps_adapters_identical_and_prompts_disjoint(tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo). Ranks start from different LoRA weights on purpose: the
+    trainer broadcasts rank 0's, averages gradients over both ranks, and every rank ends bit-identical."""
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(script), str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((tmp_path / "out" / "ddp.json").read_text())
+    assert [(r["rank"], r["world"], r["num_processes"], r["backend"]) for r in results] == [
+        (0, 2, 2, "gloo"), (1, 2, 2, "gloo")
+    ]
+    assert results[0]["digest"] == results[1]["digest"]
+    assert len(results[0]["prompts"]) == len(results[1]["prompts"]) == 2 * 4  # 2 iterations x batch_size 4
+    assert not set(results[0]["prompts"]) & set(results[1]["prompts"])
