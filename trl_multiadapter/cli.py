@@ -63,7 +63,22 @@ def _run_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_subcommands() -> tuple[Subcommand, ...]:
+    from . import pipeline_cli as p
+
+    stage_help = "Run the stages of a recipe up to and including {0} (finished stages are skipped)."
+    return (
+        Subcommand("run", "Run every stage of a recipe (data, reward, ppo, evaluate, export) and the report.",
+                   p.add_recipe_arguments, p.run_run),
+        *(Subcommand(stage, stage_help.format(stage), p.add_recipe_arguments, p.stage_runner(stage))
+          for stage in p.STAGE_COMMANDS),
+        Subcommand("generate", "Sample answers from a base model + policy adapter.", p.add_generate_arguments,
+                   p.run_generate),
+    )
+
+
 SUBCOMMANDS: tuple[Subcommand, ...] = (
+    *_pipeline_subcommands(),
     Subcommand(
         "env",
         "Print versions of Python, torch and the Hugging Face stack, devices, bf16 and 4-bit support.",

@@ -1,0 +1,712 @@
+"""Run a recipe's stages in order, skip the finished ones, and write the run report.
+
+Layout of a run folder (``recipe.output_dir``)::
+
+    recipe.yaml          the resolved recipe this run uses
+    base_model/          the builtin test model, saved once (builtin:... recipes only)
+    data/                encoded datasets + data_report.json          (stage "data")
+    reward/              reward adapter + score head + metrics        (stage "reward")
+    ppo/                 checkpoints, final adapters, training log    (stage "ppo")
+    evaluate/            metrics.json, samples.jsonl, PNG plots       (stage "evaluate")
+    export/              policy adapter + model card, value head, reward adapter (stage "export")
+    report.md, report.json
+
+A stage is a registered callable ``stage(context: StageContext) -> StageResult``
+(``trl_multiadapter.registry.register_stage``); plugins add stages the same way. A stage is finished when
+its folder holds ``stage.json`` (written last, atomically, by the main process); a rerun skips it and reads
+its numbers back, so a rerun of a finished run only checks and reports. ``stage.json`` also records a
+fingerprint of the recipe sections the stage depends on: a rerun with a changed recipe stops with a
+message instead of mixing results of two recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .recipe import DEFAULT_STAGES, Recipe, RecipeError, check_runtime
+from .registry import register_data_source, register_stage, stages
+
+logger = logging.getLogger(__name__)
+
+STAGE_MARKER = "stage.json"
+RECIPE_FILE = "recipe.yaml"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+BASE_MODEL_DIR = "base_model"
+# Which recipe sections each built-in stage's output depends on (for the rerun fingerprint).
+STAGE_INPUTS = {
+    "data": ("model", "data"),
+    "reward": ("model", "quantization", "data", "reward"),
+    "ppo": ("model", "quantization", "data", "reward", "ppo"),
+    "evaluate": ("model", "quantization", "data", "reward", "ppo", "evaluate"),
+    "export": ("model", "quantization", "data", "reward", "ppo", "export"),
+}
+
+
+class StageFailedError(RuntimeError):
+    """A stage raised; the message names the stage and its folder."""
+
+
+@dataclass
+class StageResult:
+    """What a stage did: the report derives throughput and cost from ``samples``, ``tokens`` and the time."""
+
+    samples: int = 0  # items processed (pairs, prompts, generations), over all epochs and processes
+    tokens: int = 0  # tokens processed, same convention
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # name -> path relative to the run folder
+    wall_time_s: float = 0.0  # filled in by the runner
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: its recipe section through ``recipe``, its folder, and earlier results."""
+
+    name: str
+    recipe: Recipe
+    run_dir: Path
+    stage_dir: Path
+    options: dict[str, Any]  # recipe.stage_options[name] (plugin stages)
+    results: dict[str, StageResult]  # finished earlier stages (run or skipped), by name
+    process_index: int = 0
+    num_processes: int = 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    def path(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def wait_for_everyone(self) -> None:
+        _barrier()
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # "ran" or "skipped"
+    result: StageResult
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    outcomes: list[StageOutcome]
+    report: dict[str, Any]
+
+
+# -------------------------------------------------------------------------------------------- the runner
+
+
+def run_pipeline(
+    recipe: Recipe,
+    *,
+    until: str | None = None,
+    only: Sequence[str] | None = None,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> RunReport:
+    """Run the recipe's stages (up to and including ``until``, or just ``only``), skipping finished ones.
+
+    Raises ``RecipeError`` (before any work) when the machine cannot run the recipe or the run folder
+    holds results of a different recipe.
+    """
+    check_runtime(recipe)
+    selected = _selected_stages(recipe, until, only)
+    run_dir = Path(recipe.output_dir)
+    process_index, num_processes = _process_info()
+    if process_index == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_text_atomically(run_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    _barrier()
+    results: dict[str, StageResult] = {}
+    outcomes: list[StageOutcome] = []
+    for name in selected:
+        stage_dir = run_dir / name
+        fingerprint = stage_fingerprint(recipe, name)
+        finished = read_stage_marker(stage_dir, name, fingerprint)
+        if finished is not None:
+            results[name] = finished
+            outcomes.append(StageOutcome(name, "skipped", finished))
+            if on_stage:
+                on_stage(name, "skipped")
+            continue
+        if on_stage:
+            on_stage(name, "running")
+        context = StageContext(name, recipe, run_dir, stage_dir, dict(recipe.stage_options.get(name, {})),
+                               dict(results), process_index, num_processes)
+        result = _run_stage(context)
+        if process_index == 0:
+            write_stage_marker(stage_dir, name, result, fingerprint)
+        _barrier()
+        results[name] = result
+        outcomes.append(StageOutcome(name, "ran", result))
+        if on_stage:
+            on_stage(name, "done")
+    from .report import build_report, write_report
+
+    report = build_report(recipe, outcomes)
+    if process_index == 0:
+        write_report(run_dir, report)
+    return RunReport(run_dir, outcomes, report)
+
+
+def _selected_stages(recipe: Recipe, until: str | None, only: Sequence[str] | None) -> list[str]:
+    names = list(recipe.stages)
+    for requested in ([until] if until else []) + list(only or []):
+        if requested not in names:
+            raise RecipeError("stages", f"the recipe does not run the stage {requested!r}: it runs {names}.",
+                              f"add {requested!r} to stages, or run another command.")
+    if only:
+        return [name for name in names if name in only]
+    if until:
+        return names[: names.index(until) + 1]
+    return names
+
+
+def _run_stage(context: StageContext) -> StageResult:
+    stage = stages.get(context.name)
+    started = time.perf_counter()
+    logger.info("stage %s: running into %s", context.name, context.stage_dir)
+    context.stage_dir.mkdir(parents=True, exist_ok=True)
+    result = stage(context)
+    if not isinstance(result, StageResult):
+        raise StageFailedError(
+            f"stage {context.name!r} returned {type(result).__name__}; a stage must return a StageResult."
+        )
+    result.wall_time_s = time.perf_counter() - started
+    return result
+
+
+def stage_fingerprint(recipe: Recipe, name: str) -> str:
+    sections = STAGE_INPUTS.get(name, ("model", "quantization", "data", "reward", "ppo"))
+    plain = recipe.to_dict()
+    content = {section: plain[section] for section in sections}
+    content["stage_options"] = plain["stage_options"].get(name, {})
+    encoded = json.dumps(content, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def read_stage_marker(stage_dir: Path, name: str, fingerprint: str) -> StageResult | None:
+    """The result of a finished stage, None when it has not finished; a changed recipe is an error."""
+    marker = stage_dir / STAGE_MARKER
+    if not marker.is_file():
+        return None
+    saved = json.loads(marker.read_text())
+    if saved.get("fingerprint") != fingerprint:
+        sections = ", ".join(STAGE_INPUTS.get(name, ("the recipe",)))
+        raise RecipeError(
+            "output_dir",
+            f"{stage_dir} holds a finished '{name}' stage of a different recipe (one of {sections} changed).",
+            f"use a new --output_dir, or delete {stage_dir} (and the stages after it) to redo it.",
+        )
+    return StageResult.from_dict(saved["result"])
+
+
+def write_stage_marker(stage_dir: Path, name: str, result: StageResult, fingerprint: str) -> None:
+    payload = {"stage": name, "fingerprint": fingerprint, "finished_at": time.time(), "result": result.to_dict()}
+    _write_text_atomically(stage_dir / STAGE_MARKER, json.dumps(payload, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.",
+                                     encoding="utf-8") as handle:
+        handle.write(text)
+        temporary = handle.name
+    os.replace(temporary, path)
+
+
+def _process_info() -> tuple[int, int]:
+    """(rank, world size) under accelerate/torchrun; the process group itself is set up lazily by stages."""
+    if not _distributed_launch():
+        return 0, 1
+    state = _partial_state()
+    return state.process_index, state.num_processes
+
+
+def _distributed_launch() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _partial_state():
+    import torch
+    from accelerate import PartialState
+
+    # Without CUDA, accelerate only forms a gloo group when asked for CPU explicitly.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _barrier() -> None:
+    if _distributed_launch():
+        _partial_state().wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------- shared helpers
+
+
+def base_model_path(context: StageContext) -> str:
+    """The base model as a path or hub id; a builtin test model is saved once under the run folder."""
+    model = context.recipe.model
+    if not model.is_builtin:
+        return model.name_or_path
+    path = context.run_dir / BASE_MODEL_DIR
+    if context.is_main_process and not (path / "config.json").is_file():
+        from .testing import build_tiny_model, build_tiny_tokenizer
+
+        tmp = context.run_dir / f".tmp-{BASE_MODEL_DIR}"
+        build_tiny_model(model.builtin_size, task="causal", seed=model.seed).save_pretrained(tmp)
+        build_tiny_tokenizer().save_pretrained(tmp)
+        os.replace(tmp, path)
+    context.wait_for_everyone()
+    return str(path.resolve())
+
+
+def load_tokenizer(context: StageContext):
+    model = context.recipe.model
+    if model.is_builtin:
+        from .testing import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model.tokenizer or model.name_or_path, revision=model.revision,
+                                         trust_remote_code=model.trust_remote_code)
+
+
+# ------------------------------------------------------------------------------------------- data stage
+
+DATA_FILES = {
+    "preference_train": "preference_train",
+    "preference_eval": "preference_eval",
+    "prompts_train": "prompts_train",
+    "prompts_eval": "prompts_eval",
+}
+DATA_REPORT_FILE = "data_report.json"
+
+
+def call_data_source(name: str, section: Any, split: str) -> tuple[Any, Any | None]:
+    """Call a registered data source with the arguments of ``section`` it accepts; (dataset, report|None)."""
+    from .registry import data_sources
+
+    source = data_sources.get(name)
+    candidates = {
+        "path_or_hub_id": section.path,
+        "data_dir": getattr(section, "data_dir", None),
+        "split": split,
+        "system_prompt": getattr(section, "system_prompt", None),
+        "on_bad_row": getattr(section, "on_malformed", None),
+        "return_report": True,
+    }
+    parameters = inspect.signature(source).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    kwargs = {key: value for key, value in candidates.items() if key in parameters or takes_any}
+    if kwargs.get("path_or_hub_id") is None:
+        kwargs.pop("path_or_hub_id", None)  # the source's own default (its hub id, or generated data)
+    kwargs.update(section.options)
+    output = source(**kwargs)
+    if isinstance(output, tuple):
+        return output[0], output[1]
+    return output, None
+
+
+def _subsample(dataset, limit: int | None, seed: int):
+    if limit is None or len(dataset) <= limit:
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(limit))
+
+
+def _report_dict(report: Any) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {"step": report.step, "total": report.total, "kept": report.kept, "shortened": report.shortened,
+            "dropped": dict(report.dropped), "examples": {k: list(v) for k, v in report.examples.items()}}
+
+
+def _token_count(dataset, columns: Sequence[str]) -> int:
+    return sum(len(ids) for column in columns if column in dataset.column_names for ids in dataset[column])
+
+
+@register_stage("data")
+def data_stage(context: StageContext) -> StageResult:
+    """Parse, encode and save the preference pairs and prompts; report kept / shortened / dropped counts."""
+    from .data import encode_chat, prepare_preference_pairs, prepare_prompts
+
+    recipe, out = context.recipe, context.stage_dir
+    tokenizer = load_tokenizer(context)
+    base_model_path(context)  # materialise a builtin model once, before any training stage needs it
+    counts: dict[str, Any] = {}
+    samples = tokens = 0
+    preference = recipe.data.preference
+    splits = {"train": preference.train_split, "eval": preference.eval_split}
+    for role, split in splits.items():
+        if split is None:
+            continue
+        raw, load_report = call_data_source(preference.source, preference, split)
+        limit = preference.max_train_samples if role == "train" else preference.max_eval_samples
+        raw = _subsample(raw, limit, recipe.data.seed)
+        prepared, prepare_report = prepare_preference_pairs(raw, tokenizer, preference.max_length)
+        counts[f"preference_{role}"] = {"load": _report_dict(load_report), "prepare": _report_dict(prepare_report)}
+        if context.is_main_process:
+            prepared.save_to_disk(str(out / DATA_FILES[f"preference_{role}"]))
+        samples += len(prepared)
+        tokens += sum(
+            len(encode_chat(tokenizer, row["prompt"] + row["chosen"])) + len(encode_chat(tokenizer, row["prompt"]
+                                                                                       + row["rejected"]))
+            for row in prepared
+        )
+    prompts = recipe.data.prompts
+    for role, split in (("train", prompts.train_split), ("eval", prompts.eval_split)):
+        raw, load_report = call_data_source(prompts.source, prompts, split)
+        limit = prompts.max_train_samples if role == "train" else prompts.max_eval_samples
+        raw = _subsample(raw, limit, recipe.data.seed)
+        prepared, prepare_report = prepare_prompts(raw, tokenizer, prompts.max_prompt_length, prompts.long_prompts)
+        if len(prepared) == 0:
+            raise RecipeError("data.prompts.max_prompt_length",
+                              f"every {role} prompt is longer than {prompts.max_prompt_length} tokens.",
+                              "raise data.prompts.max_prompt_length.")
+        counts[f"prompts_{role}"] = {"load": _report_dict(load_report), "prepare": _report_dict(prepare_report)}
+        if context.is_main_process:
+            prepared.save_to_disk(str(out / DATA_FILES[f"prompts_{role}"]))
+        samples += len(prepared)
+        tokens += _token_count(prepared, ("input_ids",))
+    if context.is_main_process:
+        _write_text_atomically(out / DATA_REPORT_FILE, json.dumps(counts, indent=2) + "\n")
+    metrics = {f"{name}_kept": entry["prepare"]["kept"] for name, entry in counts.items()}
+    metrics |= {f"{name}_shortened": entry["prepare"]["shortened"] for name, entry in counts.items()}
+    metrics |= {
+        f"{name}_dropped": entry["prepare"]["total"] - entry["prepare"]["kept"]
+        + (sum(entry["load"]["dropped"].values()) if entry["load"] else 0)
+        for name, entry in counts.items()
+    }
+    artifacts = {key: f"data/{value}" for key, value in DATA_FILES.items()
+                 if (out / value).exists() or not context.is_main_process}
+    artifacts["report"] = f"data/{DATA_REPORT_FILE}"
+    return StageResult(samples=samples, tokens=tokens, metrics=metrics, artifacts=artifacts)
+
+
+def load_stage_dataset(context: StageContext, key: str):
+    """A dataset the data stage saved (``preference_train``, ``prompts_eval``, ...), or None."""
+    from datasets import load_from_disk
+
+    path = context.path("data") / DATA_FILES[key]
+    return load_from_disk(str(path)) if path.exists() else None
+
+
+# ----------------------------------------------------------------------------------------- reward stage
+
+
+@register_stage("reward")
+def reward_stage(context: StageContext) -> StageResult:
+    """Train the reward adapter with trl.RewardTrainer; report held-out pairwise accuracy."""
+    from .reward import train_reward_adapter
+
+    recipe = context.recipe
+    train = load_stage_dataset(context, "preference_train")
+    if train is None:
+        raise StageFailedError("the reward stage needs the data stage's preference pairs; run the 'data' stage.")
+    eval_pairs = load_stage_dataset(context, "preference_eval")
+    result = train_reward_adapter(
+        base_model_path(context),
+        train,
+        tokenizer=load_tokenizer(context),
+        output_dir=context.stage_dir,
+        config=recipe.reward,
+        eval_dataset=eval_pairs,
+        quantization_config=recipe.quantization.bitsandbytes_config(),
+    )
+    metrics = dict(result.metrics)
+    epochs = recipe.reward.num_train_epochs if recipe.reward.max_steps < 0 else None
+    pairs = metrics.get("train_pairs", len(train))
+    samples = int(round(pairs * epochs)) if epochs else recipe.reward.max_steps * (
+        recipe.reward.per_device_train_batch_size * recipe.reward.gradient_accumulation_steps * context.num_processes
+    )
+    return StageResult(samples=samples, tokens=int(metrics.get("train_tokens", 0)), metrics=metrics,
+                       artifacts={"reward_adapter": "reward"})
+
+
+# -------------------------------------------------------------------------------------------- ppo stage
+
+PPO_FINAL_DIR = "final"
+LOG_HISTORY_FILE = "log_history.json"
+
+
+def ppo_config_for(context: StageContext):
+    """The MultiAdapterPPOConfig of this run: the recipe's ppo section, checkpoints under the stage folder."""
+    import torch
+
+    from .recipe import build_ppo_config
+
+    ppo = context.recipe.ppo
+    overrides: dict[str, Any] = {"policy_adapter": None, "model_init_kwargs": None}  # the stage builds the model
+    if not torch.cuda.is_available():
+        overrides["use_cpu"] = True  # also what makes accelerate form a gloo group for CPU data parallelism
+    config = build_ppo_config(ppo, output_dir=context.stage_dir, **overrides)
+    return config
+
+
+def build_policy_model(context: StageContext):
+    """Base + fresh policy LoRA + value head + the reward adapter, placed on this process's device."""
+    from .model import MultiAdapterModel
+    from .recipe import ppo_lora_config
+
+    recipe = context.recipe
+    ppo = recipe.ppo
+    return MultiAdapterModel.from_pretrained(
+        base_model_path(context),
+        policy_config=None if ppo.policy_adapter else ppo_lora_config(ppo),
+        policy_adapter=ppo.policy_adapter,
+        reward_adapter=str(context.path("reward")),
+        reward_label_index=ppo.reward_label_index,
+        value_model=ppo.value_model or "head",
+        critic_init=ppo.critic_init,
+        reference=ppo.reference or "base",
+        quantization_config=recipe.quantization.bitsandbytes_config(),
+        dtype=recipe.model.dtype,
+        gradient_checkpointing=uses_activation_checkpointing(ppo),
+        **_device_map(recipe),
+    )
+
+
+def uses_activation_checkpointing(ppo: Any) -> bool:
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name still works).
+    return bool(getattr(ppo, "activation_checkpointing", False) or getattr(ppo, "gradient_checkpointing", False))
+
+
+def _device_map(recipe: Recipe) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    from accelerate import PartialState
+
+    # Each data-parallel process holds the whole (quantized) model on its own GPU.
+    return {"device_map": {"": PartialState().local_process_index}}
+
+
+@register_stage("ppo")
+def ppo_stage(context: StageContext) -> StageResult:
+    """Train the policy adapter + value head with PPO; checkpoints under ppo/, resumed after a kill."""
+    from .checkpointing import latest_checkpoint
+    from .ppo_trainer import MultiAdapterPPOTrainer
+
+    prompts = load_stage_dataset(context, "prompts_train")
+    if prompts is None:
+        raise StageFailedError("the ppo stage needs the data stage's prompts; run the 'data' stage.")
+    if not (context.path("reward") / STAGE_MARKER).is_file() and not (context.path("reward") / "_COMPLETE").is_file():
+        raise StageFailedError("the ppo stage needs a finished reward adapter; run the 'reward' stage.")
+    args = ppo_config_for(context)
+    trainer = MultiAdapterPPOTrainer(
+        model=build_policy_model(context),
+        args=args,
+        processing_class=load_tokenizer(context),
+        train_dataset=prompts,
+        reward_funcs=_reward_functions(context),
+    )
+    checkpoint = latest_checkpoint(context.stage_dir)
+    if checkpoint is not None:
+        logger.info("stage ppo: resuming from %s", checkpoint)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.save_model(str(context.stage_dir / PPO_FINAL_DIR))
+    history = trainer.state.log_history
+    if context.is_main_process:
+        _write_text_atomically(context.stage_dir / LOG_HISTORY_FILE, json.dumps(history, indent=1,
+                                                                              default=_json_default))
+    iterations = output.global_step
+    samples = iterations * args.batch_size * context.num_processes
+    lengths = [entry["val/response_length"] for entry in history if "val/response_length" in entry]
+    mean_response = sum(lengths) / len(lengths) if lengths else float(args.max_new_tokens)
+    mean_prompt = sum(len(ids) for ids in prompts["input_ids"]) / max(len(prompts), 1)
+    final = {key: value for key, value in (history[-1] if history else {}).items() if isinstance(value, (int, float))}
+    metrics = {"iterations": iterations, "resumed_from": str(checkpoint) if checkpoint else None, **final}
+    return StageResult(samples=samples, tokens=int(samples * (mean_prompt + mean_response)), metrics=metrics,
+                       artifacts={"adapters": f"ppo/{PPO_FINAL_DIR}", "log_history": f"ppo/{LOG_HISTORY_FILE}"})
+
+
+def _reward_functions(context: StageContext) -> list | None:
+    """Registered reward functions named in stage_options.ppo.reward_funcs (instead of the reward adapter)."""
+    from .registry import reward_functions
+
+    names = context.options.get("reward_funcs")
+    if not names:
+        return None
+    return [reward_functions.get(name) for name in names]
+
+
+# --------------------------------------------------------------------------------------- evaluate stage
+
+
+def load_trained_model(context: StageContext):
+    """The shared base with every adapter of the finished PPO stage (policy, reward, value head)."""
+    from .model import MultiAdapterModel
+
+    recipe = context.recipe
+    final = context.path("ppo") / PPO_FINAL_DIR
+    if not final.is_dir():
+        raise StageFailedError(f"{final} is missing; run the 'ppo' stage first.")
+    model = MultiAdapterModel.from_pretrained(
+        base_model_path(context), from_saved=str(final), quantization_config=recipe.quantization.bitsandbytes_config(),
+        dtype=recipe.model.dtype, **_device_map(recipe),
+    )
+    return model.eval()
+
+
+def stop_token_ids(tokenizer, model) -> tuple[int, ...]:
+    """The tokenizer's EOS and the model's eos_token_id(s): where responses end (as in PPO)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = model.config.eos_token_id
+    ids |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    return tuple(sorted(ids))
+
+
+@register_stage("evaluate")
+def evaluate_stage(context: StageContext) -> StageResult:
+    """Base vs aligned on held-out prompts: metrics.json, samples.jsonl, PNG plots (main process only)."""
+    from .evaluate import evaluate_policies, write_outputs
+    from .plots import plot_reward_histogram, plot_training_curves
+
+    settings, ppo = context.recipe.evaluate, context.recipe.ppo
+    metrics: dict[str, Any] = {}
+    samples = tokens = 0
+    if context.is_main_process:
+        prompts = load_stage_dataset(context, "prompts_eval")
+        if prompts is None or len(prompts) == 0:
+            raise StageFailedError("the evaluate stage needs held-out prompts (data.prompts.eval_split).")
+        prompts = prompts.select(range(min(settings.num_prompts, len(prompts))))
+        model = load_trained_model(context)
+        tokenizer = load_tokenizer(context)
+        metrics, records, scores = evaluate_policies(
+            model, tokenizer, prompts, batch_size=settings.batch_size,
+            max_new_tokens=settings.max_new_tokens or ppo.max_new_tokens, do_sample=settings.do_sample,
+            temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
+            stop_token_ids=stop_token_ids(tokenizer, model), seed=settings.seed,
+        )
+        write_outputs(context.stage_dir, metrics, records, settings.num_shown_samples)
+        plot_reward_histogram(scores, context.stage_dir / "reward_histogram.png")
+        history_file = context.path("ppo") / LOG_HISTORY_FILE
+        if history_file.is_file():
+            plot_training_curves(json.loads(history_file.read_text()), context.stage_dir / "training_curves.png")
+        prompt_tokens = sum(len(ids) for ids in prompts["input_ids"])
+        samples = 2 * len(prompts)
+        tokens = 2 * prompt_tokens + int(len(prompts) * (metrics["base"]["response_length"]
+                                                         + metrics["aligned"]["response_length"]))
+    context.wait_for_everyone()
+    summary = {f"{policy}_{key}": value for policy in ("base", "aligned")
+               for key, value in metrics.get(policy, {}).items()}
+    if "win_rate" in metrics:
+        summary["win_rate"] = metrics["win_rate"]
+    return StageResult(samples=samples, tokens=tokens, metrics=summary,
+                       artifacts={"metrics": "evaluate/metrics.json", "samples": "evaluate/samples.jsonl",
+                                  "reward_histogram": "evaluate/reward_histogram.png",
+                                  "training_curves": "evaluate/training_curves.png"})
+
+
+# ----------------------------------------------------------------------------------------- export stage
+
+
+@register_stage("export")
+def export_stage(context: StageContext) -> StageResult:
+    """Servable policy adapter + model card, value head, reward adapter; optional merged model and hub push."""
+    from .export import (
+        MERGED_DIR,
+        MODEL_CARD,
+        POLICY_DIR,
+        copy_saved_adapters,
+        merge_policy,
+        model_card,
+        push_policy,
+    )
+
+    recipe = context.recipe
+    artifacts = {"policy_adapter": f"export/{POLICY_DIR}", "reward_adapter": "export/reward",
+                 "value_head": "export/value_head.safetensors"}
+    metrics: dict[str, Any] = {}
+    if context.is_main_process:
+        final = context.path("ppo") / PPO_FINAL_DIR
+        if not final.is_dir():
+            raise StageFailedError(f"{final} is missing; run the 'ppo' stage first.")
+        base = base_model_path(context)
+        copy_saved_adapters(final, context.stage_dir, base)
+        evaluation = context.path("evaluate") / "metrics.json"
+        reward_metrics_file = context.path("reward") / "reward_metrics.json"
+        reward_metrics = json.loads(reward_metrics_file.read_text())["metrics"] if reward_metrics_file.is_file() else {}
+        card = model_card(recipe, json.loads(evaluation.read_text()) if evaluation.is_file() else None,
+                          reward_metrics, base, POLICY_DIR)
+        (context.stage_dir / POLICY_DIR / MODEL_CARD).write_text(card)
+        if recipe.export.merged_model:
+            merge_policy(base, context.stage_dir / POLICY_DIR, context.stage_dir / MERGED_DIR, recipe.model.dtype,
+                         load_tokenizer(context))
+            artifacts["merged_model"] = f"export/{MERGED_DIR}"
+        if recipe.export.push_to_hub:
+            metrics["hub_url"] = push_policy(context.stage_dir / POLICY_DIR, recipe.export.hub_model_id,
+                                             recipe.export.hub_private)
+    context.wait_for_everyone()
+    return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+# ------------------------------------------------------------------------------------ synthetic sources
+
+
+@register_data_source("synthetic_hh_rlhf")
+def synthetic_hh_rlhf(split: str = "train", train_size: int = 256, eval_size: int = 64, seed: int = 0,
+                      on_bad_row: str = "skip", return_report: bool = False):
+    """Synthetic hh-rlhf pairs with a planted preference (trl_multiadapter.testing), read by the real loader."""
+    from .data import load_hh_rlhf
+    from .testing import write_tiny_hh_rlhf
+
+    size, split_seed = (train_size, seed) if split == "train" else (eval_size, seed + 10_000)
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_tiny_hh_rlhf(Path(folder) / f"{split}.jsonl", n=size, seed=split_seed)
+        return load_hh_rlhf(path, split=split, on_bad_row=on_bad_row, return_report=return_report)
+
+
+@register_data_source("synthetic_squad")
+def synthetic_squad(split: str = "train", train_size: int = 128, eval_size: int = 32, seed: int = 0,
+                    system_prompt: str | None = None):
+    """Synthetic SQuAD questions in the original nested format, read by the real loader."""
+    from .data import load_squad_prompts
+    from .testing import write_tiny_squad
+
+    size, split_seed = (train_size, seed) if split == "train" else (eval_size, seed + 10_000)
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_tiny_squad(Path(folder) / f"{split}.json", n=size, seed=split_seed)
+        return load_squad_prompts(path, split=split, system_prompt=system_prompt)
+
+
+__all__ = [
+    "DEFAULT_STAGES",
+    "RunReport",
+    "StageContext",
+    "StageResult",
+    "call_data_source",
+    "run_pipeline",
+]
