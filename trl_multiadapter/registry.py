@@ -68,9 +68,9 @@ DISABLE_PLUGINS_ENV = "TRL_MULTIADAPTER_DISABLE_PLUGINS"
 # Modules of this package whose import registers built-in entries; imported on the first lookup.
 # A module written later adds its name here (and registers with the decorators below).
 BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
-    "data_sources": ("trl_multiadapter.data",),
+    "data_sources": ("trl_multiadapter.data", "trl_multiadapter.pipeline"),
     "reward_functions": (),
-    "stages": (),
+    "stages": ("trl_multiadapter.pipeline",),
 }
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
