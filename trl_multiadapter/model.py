@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -52,14 +53,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model_quant import (
-    KBIT_CPU_TRAINING_ERROR,
-    is_kbit_config,
-    is_kbit_model,
-    kbit_weights_on_cpu,
-    prepare_kbit_base,
-    require_bitsandbytes,
+from .model_io import (
+    ROLES_FILE,
+    SAVE_FORMAT_VERSION,
+    VALUE_HEAD_FILE,
+    add_score_head,
+    check_adapter_dir,
+    load_base,
+    read_roles_file,
+    read_score_head,
+    score_key_kind,
 )
+from .model_quant import KBIT_CPU_TRAINING_ERROR, is_kbit_model, kbit_weights_on_cpu
 
 POLICY_ADAPTER = "policy"
 REWARD_ADAPTER = "reward"
@@ -70,14 +75,6 @@ ROLES = ("policy", "critic", "reward", "reference")
 VALUE_MODELS = ("head", "critic")
 REFERENCE_MODES = ("base", "policy_init")
 CRITIC_INITS = (None, "reward")
-
-ROLES_FILE = "multiadapter.json"
-VALUE_HEAD_FILE = "value_head.safetensors"
-SCORE_WEIGHT_KEY = "base_model.model.score.weight"
-SCORE_BIAS_KEY = "base_model.model.score.bias"
-SAVE_FORMAT_VERSION = 1
-
-_ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def default_policy_config():
@@ -125,70 +122,6 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
             f"{tuple(input_ids.shape)}"
         )
     return attention_mask
-
-
-# ----------------------------------------------------------------------------------------------------
-# reward adapter files
-
-
-def _load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    for file_name in _ADAPTER_WEIGHT_FILES:
-        path = adapter_dir / file_name
-        if path.is_file():
-            if file_name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(str(path))
-            return torch.load(path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"adapter directory {adapter_dir} has no {' or '.join(_ADAPTER_WEIGHT_FILES)}; "
-        "pass the directory a PEFT adapter was saved to (save_pretrained)"
-    )
-
-
-def _score_key_kind(key: str) -> str | None:
-    """'weight'/'bias' when ``key`` names the seq-cls ``score`` head (with or without peft's wrapper path)."""
-    parts = key.split(".")
-    if len(parts) < 2 or parts[-1] not in ("weight", "bias"):
-        return None
-    module_path = parts[:-1]
-    # peft may keep the ModulesToSaveWrapper path: score.modules_to_save.<adapter>.weight
-    if len(module_path) >= 3 and module_path[-2] == "modules_to_save":
-        module_path = module_path[:-2]
-    return parts[-1] if module_path and module_path[-1] == "score" else None
-
-
-def read_score_head(adapter_dir: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``score`` head (weight ``[num_labels, hidden]``, optional bias) saved in a SEQ_CLS adapter dir.
-
-    peft drops ``modules_to_save`` entries such as ``score`` when the adapter is loaded onto a causal
-    LM (the module does not exist there), so the head is read from the adapter file itself.
-    """
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise FileNotFoundError(f"reward adapter directory {adapter_dir} does not exist")
-    state = _load_adapter_state(adapter_dir)
-    weights = {_score_key_kind(key): value for key, value in state.items() if _score_key_kind(key)}
-    if "weight" not in weights:
-        raise ValueError(
-            f"reward adapter {adapter_dir} has no score head weights (no '...score.weight' key in its adapter "
-            "file). A reward adapter must be a SEQ_CLS LoRA adapter saved with its score head, e.g. trained by "
-            "trl.RewardTrainer (or trl_multiadapter.reward.train_reward_adapter) with "
-            "LoraConfig(task_type='SEQ_CLS'), which saves `score` through modules_to_save."
-        )
-    weight = weights["weight"]
-    if weight.dim() != 2:
-        raise ValueError(f"reward adapter {adapter_dir}: score weight must be 2-D, got shape {tuple(weight.shape)}")
-    return weight, weights.get("bias")
-
-
-def _check_adapter_dir(path: str | os.PathLike, argument: str) -> Path:
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{argument}={str(path)!r} is not a PEFT adapter directory (no adapter_config.json there)"
-        )
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,7 +289,7 @@ class MultiAdapterModel(nn.Module):
         _validate_choice("reference", reference, REFERENCE_MODES)
         _validate_choice("critic_init", critic_init, CRITIC_INITS)
         if from_saved is not None:
-            saved = _read_roles_file(from_saved)
+            saved = read_roles_file(from_saved)
             _reject_arguments_with_from_saved(
                 policy_config=policy_config,
                 policy_adapter=policy_adapter,
@@ -385,14 +318,14 @@ class MultiAdapterModel(nn.Module):
         # read and check the adapter files before loading a (possibly large) base model
         score_weight = score_bias = None
         if reward_adapter is not None:
-            _check_adapter_dir(reward_adapter, "reward_adapter")
+            check_adapter_dir(reward_adapter, "reward_adapter")
             score_weight, score_bias = read_score_head(reward_adapter)
             _check_label_index(score_weight, reward_label_index, reward_adapter)
         if policy_adapter is not None:
-            _check_adapter_dir(policy_adapter, "policy_adapter")
+            check_adapter_dir(policy_adapter, "policy_adapter")
 
         with _quiet_peft_setup():
-            base = _load_base(model_or_path, quantization_config, dtype, device_map, model_kwargs)
+            base = load_base(model_or_path, quantization_config, dtype, device_map, model_kwargs)
             peft_model = _wrap_policy(base, policy_config, policy_adapter)
             if reward_adapter is not None:
                 _load_frozen_adapter(peft_model, reward_adapter, REWARD_ADAPTER)
@@ -425,7 +358,7 @@ class MultiAdapterModel(nn.Module):
                     gradient_checkpointing, **model_kwargs) -> MultiAdapterModel:
         from safetensors.torch import load_file
 
-        base = _load_base(model_or_path, quantization_config, dtype, device_map, model_kwargs)
+        base = load_base(model_or_path, quantization_config, dtype, device_map, model_kwargs)
         peft_model = _wrap_policy(base, None, directory / POLICY_ADAPTER)
         reward_head = None
         if saved["has_reward"]:
@@ -517,28 +450,42 @@ class MultiAdapterModel(nn.Module):
         """Context manager running its body in role ``name``; restores the previous role, the
         adapters' ``requires_grad`` flags and train/eval mode on exit, also when the body raises.
 
-        The switch is a flag flip on cached peft layers (no requires_grad changes, no module walk).
+        The switch is a flag flip on cached peft layers (no requires_grad changes, no module walk);
+        the restore of requires_grad flags the body may have changed is one pass over adapter weights.
+        """
+        if name not in self._role_adapters:
+            raise ValueError(self._unknown_role_message(name))
+        previous_mode = self.training
+        previous_grads = list(map(_requires_grad, self._switch_parameters))  # map+attrgetter: one C-level pass
+        try:
+            with self._adapters_of(name):
+                yield self
+        finally:
+            if list(map(_requires_grad, self._switch_parameters)) != previous_grads:
+                for parameter, flag in zip(self._switch_parameters, previous_grads):
+                    parameter.requires_grad_(flag)
+            if self.training is not previous_mode:
+                self.train(previous_mode)
+
+    @contextlib.contextmanager
+    def _adapters_of(self, name: str):
+        """The internal switch of this class's own forwards: only the adapter flags flip and are restored.
+
+        The bodies that use it (our forwards) never touch requires_grad or train/eval mode, so the
+        requires_grad snapshot of :meth:`role` (the bulk of its cost) is skipped.
         """
         if name not in self._role_adapters:
             raise ValueError(self._unknown_role_message(name))
         previous_role = self._active_role
-        previous_mode = self.training
-        previous_grads = [parameter.requires_grad for parameter in self._switch_parameters]
-        # fast path: the layers are in our own state for previous_role, so re-activating it restores them
         previous_layers = None if self._layers_follow_role() else self._layer_flags_snapshot()
         self._activate(name)
         try:
-            yield self
+            yield
         finally:
             self._activate(previous_role)
             if previous_layers is not None:
                 for layer, flags in zip(self._tuner_layer_dicts, previous_layers):
                     layer.update(flags)
-            for parameter, flag in zip(self._switch_parameters, previous_grads):
-                if parameter.requires_grad is not flag:
-                    parameter.requires_grad_(flag)
-            if self.training is not previous_mode:
-                self.train(previous_mode)
 
     def _unknown_role_message(self, name: str) -> str:
         if name == "critic":
@@ -584,7 +531,7 @@ class MultiAdapterModel(nn.Module):
         ``value_model="critic"`` they come from a second forward in the critic role.
         """
         attention_mask = _check_inputs(input_ids, attention_mask)
-        with self.role("policy"):
+        with self._adapters_of("policy"):
             hidden = self._hidden_states(input_ids, attention_mask)
             logits = self._lm_logits(hidden, logits_to_keep)
             if self.value_model == "head":
@@ -598,7 +545,7 @@ class MultiAdapterModel(nn.Module):
     def critic_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Values at every position ``[B, T]`` float32 (grad mode follows the caller)."""
         attention_mask = _check_inputs(input_ids, attention_mask)
-        with self.role("critic" if self.value_model == "critic" else "policy"):
+        with self._adapters_of("critic" if self.value_model == "critic" else "policy"):
             return self._values(self._hidden_states(input_ids, attention_mask))
 
     @torch.no_grad()
@@ -607,7 +554,7 @@ class MultiAdapterModel(nn.Module):
     ) -> torch.Tensor:
         """Reference-model logits ``[B, T', V]`` float32, without gradients."""
         attention_mask = _check_inputs(input_ids, attention_mask)
-        with self.role("reference"):
+        with self._adapters_of("reference"):
             return self._lm_logits(self._hidden_states(input_ids, attention_mask), logits_to_keep)
 
     @torch.no_grad()
@@ -617,7 +564,7 @@ class MultiAdapterModel(nn.Module):
         if self.reward_head is None:
             raise ValueError(self._unknown_role_message("reward"))
         last = last_non_pad_index(attention_mask)
-        with self.role("reward"):
+        with self._adapters_of("reward"):
             hidden = self._hidden_states(input_ids, attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         final_hidden = hidden[rows, last.to(hidden.device)]  # (B, H)
@@ -629,7 +576,7 @@ class MultiAdapterModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generation_kwargs):
         """Sample with the policy adapter (dropout off, KV cache) through transformers' ``generate``."""
         attention_mask = _check_inputs(input_ids, attention_mask)
-        with self.role("policy"):
+        with self._adapters_of("policy"):
             return self._parts.causal_lm.generate(
                 input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs
             )
@@ -652,7 +599,7 @@ class MultiAdapterModel(nn.Module):
             self.peft_model.save_pretrained(str(directory), selected_adapters=[name])
         if self.reward_head is not None:
             self.peft_model.save_pretrained(str(directory), selected_adapters=[REWARD_ADAPTER])
-            _add_score_head(directory / REWARD_ADAPTER, self.reward_head)
+            add_score_head(directory / REWARD_ADAPTER, self.reward_head)
         head_state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.value_head.state_dict().items()}
         save_file(head_state, str(directory / VALUE_HEAD_FILE), metadata={"format": "pt"})
         roles = {
@@ -667,6 +614,7 @@ class MultiAdapterModel(nn.Module):
 
 
 _FLAG_KEYS = ("_disable_adapters", "_active_adapter")
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def _layer_flags(adapters: list[str] | None) -> dict[str, Any]:
@@ -714,80 +662,6 @@ def _reject_arguments_with_from_saved(**arguments) -> None:
         )
 
 
-def _read_roles_file(directory) -> dict:
-    path = Path(directory) / ROLES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"from_saved={str(directory)!r} has no {ROLES_FILE}; pass a directory written by MultiAdapterModel.save_adapters"
-        )
-    saved = json.loads(path.read_text())
-    if saved.get("format_version") != SAVE_FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format_version {saved.get('format_version')!r} (expected {SAVE_FORMAT_VERSION})")
-    return saved
-
-
-def _resolve_dtype(dtype, device_map, quantization_config):
-    if isinstance(dtype, str) and dtype != "auto":
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype name (e.g. 'float32', 'bfloat16', 'auto')")
-        return resolved
-    if dtype is not None:
-        return dtype
-    on_cpu = device_map is None or str(device_map) == "cpu" or device_map == {"": "cpu"}
-    return torch.float32 if on_cpu and quantization_config is None else "auto"
-
-
-def _load_base(model_or_path, quantization_config, dtype, device_map, model_kwargs):
-    from transformers import AutoModelForCausalLM, PreTrainedModel
-
-    if is_kbit_config(quantization_config):
-        require_bitsandbytes()
-    if isinstance(model_or_path, PreTrainedModel):
-        base = _adopt_built_model(model_or_path, quantization_config, dtype, device_map, model_kwargs)
-    elif isinstance(model_or_path, (str, os.PathLike)):
-        kwargs = dict(model_kwargs)
-        if quantization_config is not None:
-            kwargs["quantization_config"] = quantization_config
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        base = AutoModelForCausalLM.from_pretrained(
-            str(model_or_path), dtype=_resolve_dtype(dtype, device_map, quantization_config), **kwargs
-        )
-    else:
-        raise TypeError(
-            f"model_or_path must be a hub id, a local directory or a transformers PreTrainedModel, got "
-            f"{type(model_or_path).__name__}"
-        )
-    if base.get_output_embeddings() is None:
-        raise ValueError(
-            f"{type(base).__name__} has no LM head; MultiAdapterModel needs a causal LM (AutoModelForCausalLM)"
-        )
-    if is_kbit_model(base):
-        prepare_kbit_base(base)
-        if kbit_weights_on_cpu(base):
-            warnings.warn(KBIT_CPU_TRAINING_ERROR, stacklevel=3)
-    return base
-
-
-def _adopt_built_model(model, quantization_config, dtype, device_map, model_kwargs):
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
-        raise ValueError("pass the plain base model; MultiAdapterModel.from_pretrained adds the adapters itself")
-    if quantization_config is not None:
-        raise ValueError("quantization_config applies when loading from a path or hub id, not to a built model")
-    if model_kwargs:
-        raise ValueError(f"loading keyword arguments {sorted(model_kwargs)} apply to a path or hub id, not a built model")
-    if dtype is not None:
-        model = model.to(_resolve_dtype(dtype, None, None))
-    if device_map is not None:
-        if isinstance(device_map, dict):
-            raise ValueError("with a built model, device_map must be a single device (e.g. 'cuda:0'), not a dict")
-        model = model.to(device_map)
-    return model
-
-
 def _wrap_policy(base, policy_config, policy_adapter):
     from peft import PeftModel, get_peft_model
 
@@ -810,7 +684,7 @@ def _quiet_peft_setup():
 def _load_frozen_adapter(peft_model, adapter_dir, adapter_name: str) -> None:
     """Load an adapter for inference only; unexpected keys may only be the (separately read) score head."""
     result = peft_model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
-    unexpected = [key for key in getattr(result, "unexpected_keys", []) if not _score_key_kind(key)]
+    unexpected = [key for key in getattr(result, "unexpected_keys", []) if not score_key_kind(key)]
     if unexpected:
         raise ValueError(
             f"adapter {adapter_dir} has weights that do not fit this base model: {unexpected[:5]}"
@@ -819,7 +693,8 @@ def _load_frozen_adapter(peft_model, adapter_dir, adapter_name: str) -> None:
 
 
 def _hidden_size(base) -> int:
-    return base.get_output_embeddings().weight.shape[-1] if not is_kbit_model(base) else base.config.hidden_size
+    """Width of the final hidden states: the LM head's input size (never quantized by bitsandbytes)."""
+    return base.get_output_embeddings().weight.shape[-1]
 
 
 def _check_label_index(score_weight: torch.Tensor, reward_label_index: int | None, adapter_dir) -> None:
@@ -868,21 +743,3 @@ def _enable_checkpointing(base, enabled: bool) -> bool:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return True
 
-
-def _add_score_head(adapter_dir: Path, reward_head: nn.Linear) -> None:
-    """Put the score head into a saved adapter file under peft's SEQ_CLS key, as RewardTrainer saves it."""
-    from safetensors.torch import load_file, save_file
-
-    weights_path = adapter_dir / "adapter_model.safetensors"
-    state: dict[str, Any] = load_file(str(weights_path))
-    state[SCORE_WEIGHT_KEY] = reward_head.weight.detach().cpu().contiguous()
-    if reward_head.bias is not None:
-        state[SCORE_BIAS_KEY] = reward_head.bias.detach().cpu().contiguous()
-    save_file(state, str(weights_path), metadata={"format": "pt"})
-    config_path = adapter_dir / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["task_type"] = "SEQ_CLS"
-    modules_to_save = config.get("modules_to_save") or []
-    if "score" not in modules_to_save:
-        config["modules_to_save"] = [*modules_to_save, "score"]
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

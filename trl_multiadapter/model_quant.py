@@ -33,9 +33,13 @@ def is_kbit_config(quantization_config) -> bool:
     return bool(getattr(quantization_config, "load_in_4bit", False) or getattr(quantization_config, "load_in_8bit", False))
 
 
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def require_bitsandbytes() -> None:
     """Raise an ImportError naming the ``quant`` extra when bitsandbytes is not installed."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if not bitsandbytes_installed():
         raise ImportError(
             "quantization_config with load_in_4bit/load_in_8bit needs the bitsandbytes package, which is not "
             f"installed. Install the quant extra: {QUANT_EXTRA_HINT}"
