@@ -1,11 +1,15 @@
-"""Reward-adapter stage: learning the planted preference, independent scoring, saved format, reload."""
+"""Reward-adapter stage: planted preference, independent scoring, saved format, reload, `reward` command."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -466,3 +470,94 @@ def test_model_kwargs_reach_from_pretrained_and_need_a_path(tmp_path, tiny_model
             tmp_path,
             model_kwargs={"revision": "main"},
         )
+
+
+# --------------------------------------------------------------------------- the `reward` command
+
+
+def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "trl_multiadapter", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=cwd,
+    )
+
+
+@pytest.fixture
+def tiny_reward_recipe(tmp_path, tiny_model_dir):
+    """A recipe that runs the data and reward stages on hh-rlhf files and the saved tiny model."""
+    from trl_multiadapter.testing import write_tiny_hh_rlhf
+
+    write_tiny_hh_rlhf(tmp_path / "hh" / "train.jsonl", 48, seed=2)
+    write_tiny_hh_rlhf(tmp_path / "hh" / "test.jsonl", 16, seed=3)
+    recipe = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {
+            "preference": {
+                "source": "hh_rlhf",
+                "path": str(tmp_path / "hh"),
+                "data_dir": None,
+                "eval_split": "test",
+                "max_length": 256,
+            },
+            "prompts": {
+                "source": "synthetic_squad",
+                "path": None,
+                "max_prompt_length": 256,
+                "options": {"train_size": 4, "eval_size": 4},
+            },
+        },
+        "reward": {
+            "learning_rate": 1e-3,
+            "num_train_epochs": 1,
+            "gradient_checkpointing": False,
+            "max_length": 256,
+        },
+        "output_dir": str(tmp_path / "run"),
+        "stages": ["data", "reward"],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.slow
+def test_reward_command_trains_the_recipe_adapter(tiny_reward_recipe, tiny_model_dir, tiny_tokenizer):
+    from trl_multiadapter.data import load_hh_rlhf
+
+    folder = tiny_reward_recipe.parent
+    completed = run_cli("reward", "--config", str(tiny_reward_recipe), "--set", "reward.seed=3", cwd=folder)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    adapter_dir = folder / "run" / "reward"
+    assert is_reward_adapter_complete(adapter_dir)
+    metrics = load_reward_result(adapter_dir).metrics
+    assert json.loads((adapter_dir / REWARD_METRICS_FILE).read_text())["config"]["seed"] == 3
+
+    held_out = load_hh_rlhf(folder / "hh" / "test.jsonl").to_list()
+    model = load_trained_reward_model(tiny_model_dir, adapter_dir)
+    margins = (
+        unpadded_scores(model, [chat_ids(tiny_tokenizer, pair, "chosen") for pair in held_out])
+        - unpadded_scores(model, [chat_ids(tiny_tokenizer, pair, "rejected") for pair in held_out])
+    ).tolist()
+    assert metrics["eval_num_pairs"] == len(held_out) == 16
+    assert metrics["eval_pairwise_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
+    assert metrics["eval_mean_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+
+
+def test_reward_command_reports_an_unknown_reward_key(tiny_reward_recipe):
+    completed = run_cli(
+        "reward",
+        "--config",
+        str(tiny_reward_recipe),
+        "--set",
+        "reward.lora_rank=4",
+        cwd=tiny_reward_recipe.parent,
+    )
+    assert completed.returncode != 0
+    assert "reward.lora_rank" in completed.stderr and "lora_r" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not (tiny_reward_recipe.parent / "run" / "reward").exists()
