@@ -221,7 +221,7 @@ def test_missing_reward_adapter_dir_is_named(tmp_path):
         MultiAdapterModel.from_pretrained(base_model(), reward_adapter=tmp_path / "nowhere")
 
 
-@HYPOTHESIS
+@settings(HYPOTHESIS, max_examples=25)
 @given(
     rows=token_rows,
     side=st.sampled_from(["left", "right"]),
@@ -408,7 +408,7 @@ def critic_model(adapter_dirs):
     )
 
 
-@HYPOTHESIS
+@settings(HYPOTHESIS, max_examples=50)
 @given(program=st.lists(programs, min_size=1, max_size=4), start_training=st.booleans())
 def test_any_sequence_of_role_switches_restores_the_state(critic_model, program, start_training):
     critic_model.train(start_training)
@@ -626,6 +626,16 @@ def test_loading_from_a_directory_defaults_to_float32_and_accepts_bf16(tiny_mode
     assert logits.dtype == torch.float32 and values.dtype == torch.float32  # logits/values always float32
     assert {p.dtype for p in bf16.trainable_parameters()} == {torch.float32}  # LoRA + head train in float32
     torch.testing.assert_close(logits.detach(), expected, atol=0.1, rtol=0.05)
+
+
+def test_built_model_keeps_its_weights_with_dtype_auto_and_casts_with_a_name():
+    base = base_model()
+    pointer = base.lm_head.weight.data_ptr()
+    model = MultiAdapterModel.from_pretrained(base, dtype="auto", device_map="cpu")
+    assert model.dtype == torch.float32 and model.peft_model.get_base_model().lm_head.weight.data_ptr() == pointer
+    assert MultiAdapterModel.from_pretrained(base_model(), dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='float33' is not a torch dtype"):
+        MultiAdapterModel.from_pretrained(base_model(), dtype="float33")
 
 
 def test_bad_arguments_give_clear_errors():

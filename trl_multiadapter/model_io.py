@@ -111,6 +111,8 @@ def read_roles_file(directory) -> dict:
 
 
 def resolve_dtype(dtype, device_map, quantization_config):
+    """The dtype to load with: a name becomes a torch dtype; None means float32 on CPU and "auto"
+    (the checkpoint's dtype) when the model goes to an accelerator or is quantized."""
     if isinstance(dtype, str) and dtype != "auto":
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
@@ -163,7 +165,7 @@ def _adopt_built_model(model, quantization_config, dtype, device_map, model_kwar
         raise ValueError("quantization_config applies when loading from a path or hub id, not to a built model")
     if model_kwargs:
         raise ValueError(f"loading keyword arguments {sorted(model_kwargs)} apply to a path or hub id, not a built model")
-    if dtype is not None:
+    if dtype is not None and dtype != "auto":  # "auto": keep the built model's own dtype
         model = model.to(resolve_dtype(dtype, None, None))
     if device_map is not None:
         if isinstance(device_map, dict):
