@@ -518,9 +518,14 @@ class MultiAdapterModel(nn.Module):
             hidden = hidden[:, -logits_to_keep:]
         return self._parts.lm_head(hidden).float()
 
-    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+    def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(s) from final (post-norm) hidden states: ``(..., H) -> (...)`` float32.
+
+        The exact computation ``policy_forward`` uses, so a KV-cache sampler that already holds the
+        hidden state of each step gets the same values without a second forward.
+        """
         head = self.value_head
-        return head(hidden.to(device=head.weight.device, dtype=head.weight.dtype)).squeeze(-1)
+        return head(hidden.to(device=head.weight.device, dtype=head.weight.dtype)).squeeze(-1).float()
 
     def policy_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int | None = None
@@ -535,7 +540,7 @@ class MultiAdapterModel(nn.Module):
             hidden = self._hidden_states(input_ids, attention_mask)
             logits = self._lm_logits(hidden, logits_to_keep)
             if self.value_model == "head":
-                return logits, self._values(hidden)
+                return logits, self.values_from_hidden(hidden)
         return logits, self.critic_values(input_ids, attention_mask)
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep=None):
@@ -546,7 +551,7 @@ class MultiAdapterModel(nn.Module):
         """Values at every position ``[B, T]`` float32 (grad mode follows the caller)."""
         attention_mask = _check_inputs(input_ids, attention_mask)
         with self._adapters_of("critic" if self.value_model == "critic" else "policy"):
-            return self._values(self._hidden_states(input_ids, attention_mask))
+            return self.values_from_hidden(self._hidden_states(input_ids, attention_mask))
 
     @torch.no_grad()
     def reference_logits(
