@@ -72,6 +72,8 @@ def summarise_speed(speed: dict, baseline: str) -> dict:
         for part in ("generate_s", "reward_s", "step_s", "switch_s"):
             if part in record:
                 record[f"median_{part}"] = median(record[part])
+        # the trainers' own timers (TRL's "time/ppo/*", ours "time/rollout/*", ...): where the time goes
+        record["median_timers"] = {key: median(values) for key, values in record.items() if key.startswith("time/")}
     ratios = {}
     for mini_batch in speed["mini_batches"]:
         base = speed["systems"].get(f"{baseline}/mb{mini_batch}")
@@ -185,6 +187,10 @@ def _speed_table(speed: dict | None) -> list[str]:
             f"{_number(record.get('median_reward_s'))} | {_number(record.get('median_step_s'))} | "
             f"{_number(record.get('median_switch_s'), 4)} |"
         )
+    lines += ["", "Where the time goes (the trainers' own timers, median seconds):", ""]
+    for name, record in speed["systems"].items():
+        timers = ", ".join(f"{key.removeprefix('time/')} {value:.2f}" for key, value in record["median_timers"].items())
+        lines.append(f"- {name}: {timers or 'n/a'}")
     return lines + [""]
 
 

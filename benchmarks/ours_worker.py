@@ -153,8 +153,9 @@ def run_trainer_iteration(trainer: MultiAdapterPPOTrainer, queries: list[list[in
     stats = trainer._ppo_update(rollout, scores)
     trainer.state.global_step += 1
     end = time.perf_counter()
+    timings = {key: float(value) for key, value in stats.items() if key.startswith("time/")}
     return {"generate_s": generated - start, "reward_s": scored - generated, "step_s": end - scored,
-            "first_ratio": stats["policy/first_ratio"]}
+            "first_ratio": stats["policy/first_ratio"], **timings}
 
 
 def ours_iteration(state: dict, queries: list[list[int]]) -> dict:

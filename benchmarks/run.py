@@ -310,6 +310,8 @@ def _differences(first: dict, second: dict) -> dict[str, float]:
 
 
 def run_speed_and_parity(plan: Plan, workdir: Path, prompts: list[list[int]]) -> tuple[dict | None, dict | None]:
+    if not {"parity", "speed"} & set(plan.phases):
+        return None, None
     specs = speed_specs(plan)
     print(f"\n== speed: {', '.join(spec.name for spec in specs)}")
     handles, workers = start_and_setup(plan, specs, workdir)
@@ -449,7 +451,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="discarded warm-up rounds (full: 1)")
     parser.add_argument("--mini-batches", type=int, nargs="+", help="mini-batch sizes to time (full: 1 8)")
     parser.add_argument("--scaling-rounds", type=int, help="timed rounds per scaling point (full: 3)")
-    parser.add_argument("--skip", nargs="+", default=[], choices=["speed", "memory", "scaling"],
+    parser.add_argument("--skip", nargs="+", default=[], choices=["parity", "speed", "memory", "scaling"],
                         help="phases to leave out (a run that skips any writes partial.json, not latest.json)")
     parser.add_argument("--no-bf16", action="store_true", help="leave out our opt-in bf16 frozen base")
     parser.add_argument("--baseline", choices=["trl_0_11_4", "separate_copies"],
@@ -489,6 +491,8 @@ def validate_plan(plan: Plan) -> None:
     for mini_batch in plan.mini_batches:
         if mini_batch < 1 or plan.batch_size % mini_batch:
             raise SystemExit(f"--mini-batches: {mini_batch} must divide the batch size {plan.batch_size}")
+    if "speed" in plan.phases and "parity" not in plan.phases and plan.baseline == "trl_0_11_4":
+        raise SystemExit("--skip parity: timing against TRL 0.11.4 is only compared after parity; skip speed too")
     for batch in plan.scaling_batch_sizes:
         if batch % plan.scaling_mini_batch:
             raise SystemExit(f"scaling batch {batch} is not a multiple of its mini-batch {plan.scaling_mini_batch}")
@@ -514,7 +518,7 @@ def run(plan: Plan, workdir: Path, output_dir: Path, command: str) -> dict:
     print(f"\n== fixtures in {workdir}")
     _common.ensure_workdir(workdir, plan.fixture)
     prompts = json.loads((workdir / "prompts.json").read_text())["input_ids"]
-    if plan.baseline == "trl_0_11_4":
+    if plan.baseline == "trl_0_11_4" and {"parity", "speed"} & set(plan.phases):
         results["machine"]["trl_venv"] = ensure_trl_venv()
     results["parity"], results["speed"] = run_speed_and_parity(plan, workdir, prompts)
     if "memory" in plan.phases:

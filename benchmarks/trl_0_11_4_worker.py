@@ -163,9 +163,11 @@ def iteration(system: str, queries: list[list[int]]) -> dict:
     generated = time.perf_counter()
     scores = reward_scores(state, query_tensors, responses)
     scored = time.perf_counter()
-    trainer.step(query_tensors, responses, scores)
+    stats = trainer.step(query_tensors, responses, scores)
     end = time.perf_counter()
+    timings = {key: float(value) for key, value in stats.items() if key.startswith("time/")}
     return {
+        **timings,
         "seconds": end - start,
         "generate_s": generated - start,
         "reward_s": scored - generated,
