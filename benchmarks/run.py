@@ -456,8 +456,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-bf16", action="store_true", help="leave out our opt-in bf16 frozen base")
     parser.add_argument("--baseline", choices=["trl_0_11_4", "separate_copies"],
                         help="what ours is timed against (full: trl_0_11_4; --quick: separate_copies)")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
-                        help="torch threads per worker (default: $OMP_NUM_THREADS or all cores)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads per worker (default: all cores; the reference numbers use 2 of 2)")
     parser.add_argument("--workdir", type=Path, help="where the shared weights and logs go (default: benchmarks/.work/SIZE)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     return parser.parse_args(argv)
@@ -510,25 +510,41 @@ def print_plan(plan: Plan, estimate_s: float) -> None:
     print(f"  estimated duration: ~{math.ceil(estimate_s / 60)} min on an idle machine like the reference 2-core CPU")
 
 
-def run(plan: Plan, workdir: Path, output_dir: Path, command: str) -> dict:
+def run(plan: Plan, workdir: Path, command: str, estimate_s: float) -> dict:
     started = time.perf_counter()
+
+    def progress(phase: str) -> None:
+        minutes = (time.perf_counter() - started) / 60
+        print(f"  [{phase} done: {minutes:.1f} min elapsed of ~{math.ceil(estimate_s / 60)} estimated]", flush=True)
+
     results = {"schema": 1, "mode": plan.mode, "complete": plan.is_complete_full_run,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
                "machine": machine_info(plan.threads), "settings": _settings(plan)}
+    warn_if_busy(plan)
     print(f"\n== fixtures in {workdir}")
     _common.ensure_workdir(workdir, plan.fixture)
     prompts = json.loads((workdir / "prompts.json").read_text())["input_ids"]
     if plan.baseline == "trl_0_11_4" and {"parity", "speed"} & set(plan.phases):
         results["machine"]["trl_venv"] = ensure_trl_venv()
     results["parity"], results["speed"] = run_speed_and_parity(plan, workdir, prompts)
+    progress("parity and speed")
     if "memory" in plan.phases:
         results["memory"] = run_memory(plan, workdir, prompts)
+        progress("memory")
     if "scaling" in plan.phases:
         results["scaling"] = run_scaling(plan, workdir, prompts)
+        progress("scaling")
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     results["duration_s"] = time.perf_counter() - started
     results.update(_report.headline(results))
     return results
+
+
+def warn_if_busy(plan: Plan) -> None:
+    load = os.getloadavg()[0]
+    if plan.mode == "full" and load > 0.5:
+        print(f"  WARNING: load average {load:.1f} before the run: other work on this machine makes timings noise; "
+              "run the full benchmark on a quiet machine")
 
 
 def _settings(plan: Plan) -> dict:
@@ -568,12 +584,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or (WORK_ROOT / plan.fixture.model_size)
     workdir_ready = (workdir / "manifest.json").exists()
     trl_ready = plan.baseline != "trl_0_11_4" or _trl_venv_versions(TRL_VENV / "bin" / "python") is not None
-    print_plan(plan, estimate_seconds(plan, trl_ready, workdir_ready))
+    estimate = estimate_seconds(plan, trl_ready, workdir_ready)
+    print_plan(plan, estimate)
     if args.estimate_only:
         return 0
     command = "python benchmarks/run.py " + " ".join(shlex.quote(arg) for arg in (argv if argv is not None
                                                                                    else sys.argv[1:]))
-    results = run(plan, workdir, args.output_dir, command.strip())
+    results = run(plan, workdir, command.strip(), estimate)
     paths = write_outputs(results, args.output_dir, plan.output_stem)
     print_ratios(results)
     print("  wrote " + ", ".join(str(path) for path in paths))
