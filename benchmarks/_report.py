@@ -280,8 +280,9 @@ def _plot_memory(axis, memory: dict) -> None:
 def _plot_scaling(axis, scaling: dict) -> None:
     for name, sweep in scaling["sweeps"].items():
         fit = sweep["fit"]
-        axis.plot(sweep["x"], sweep["median_s"], "o", label=f"{name} (R^2 {fit['r2']:.3f})")
-        axis.plot(sweep["x"], [fit["intercept"] + fit["slope"] * x for x in sweep["x"]], "-", alpha=0.6)
+        (points,) = axis.plot(sweep["x"], sweep["median_s"], "o", label=f"{name} (R^2 {fit['r2']:.3f})")
+        axis.plot(sweep["x"], [fit["intercept"] + fit["slope"] * x for x in sweep["x"]], "-", alpha=0.6,
+                  color=points.get_color())
     axis.set_xlabel("batch size / response length")
     axis.set_ylabel("seconds per iteration")
     axis.set_title("scaling")
