@@ -311,8 +311,9 @@ class MultiAdapterPPOTrainer(Trainer):
         for _ in range(sampler.batches_per_epoch):
             columns = _columns(self.train_dataset, sampler.next_batch())
             ids = self._encode_prompts(columns)
-            yield {**columns, "input_ids": [torch.tensor(row, device=self.device) for row in ids],
-                   "query": self.processing_class.batch_decode(ids)}
+            batch = {"query": self.processing_class.batch_decode(ids), **columns}
+            batch["input_ids"] = [torch.tensor(row, device=self.device) for row in ids]
+            yield batch
 
     def generate(self, query_tensor, return_prompt: bool = True, **generation_kwargs):
         """Sample responses like TRL 0.11's ``PPOTrainer.generate`` (cut after the first stop token).
@@ -552,14 +553,17 @@ class MultiAdapterPPOTrainer(Trainer):
                 contributed = 0
                 for start in range(group_start, group_start + args.backward_batch_size, args.mini_batch_size):
                     minibatch = batch.select(epoch_order[start : start + args.mini_batch_size]).trimmed()
-                    result = self._minibatch_loss(minibatch)
+                    with self._timed("time/optimisation/forward"):
+                        result = self._minibatch_loss(minibatch)
                     _record(records, result)
                     if result.ratio.item() > args.ratio_threshold:
                         skipped += 1  # TRL 0.11's ratio_threshold: no gradient from this mini-batch
                         continue
-                    result.loss.backward()
+                    with self._timed("time/optimisation/backward"):
+                        result.loss.backward()
                     contributed += 1
-                grad_norm = self._optimizer_step(contributed)
+                with self._timed("time/optimisation/step"):
+                    grad_norm = self._optimizer_step(contributed)
                 if grad_norm is not None:
                     optimizer_steps += 1
                     grad_norms.append(grad_norm)
