@@ -331,20 +331,73 @@ def test_metrics_follow_trl_names_and_match_the_rewards(tmp_path, tiny_tokenizer
         seen.append((values, completion_ids, completions, prompts))
         return values
 
-    trainer = make_trainer(tmp_path, tiny_tokenizer, reward_funcs=[recording_reward], max_steps=2, logging_steps=1)
+    trainer = make_trainer(tmp_path, tiny_tokenizer, reward_funcs=[recording_reward], max_steps=2, logging_steps=1,
+                           missing_eos_penalty=2.0)
     trainer.stop_token_ids = (EOT_ID, EOS_ID, *range(6, 200))  # some responses stop, some do not
     trainer.train()
     history = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
     assert [entry["step"] for entry in history] == [1, 2]
     for entry, (values, ids, completions, prompts) in zip(history, seen):
+        stopped = [bool(set(row) & set(trainer.stop_token_ids)) for row in ids]
+        penalised = [value - (0.0 if stop else 2.0) for value, stop in zip(values, stopped)]
         assert set(REQUIRED_METRICS) <= set(entry)
-        assert entry["objective/scores"] == pytest.approx(sum(values) / len(values))
-        assert entry["val/num_eos_tokens"] == sum(bool(set(row) & set(trainer.stop_token_ids)) for row in ids)
+        assert entry["objective/scores"] == pytest.approx(sum(penalised) / len(penalised))
+        assert entry["val/num_eos_tokens"] == sum(stopped)
         assert entry["val/response_length"] == pytest.approx(sum(map(len, ids)) / len(ids))
         assert completions == tiny_tokenizer.batch_decode(ids, skip_special_tokens=True)
         assert all(prompt in prompt_dataset()["prompt"] for prompt in prompts)
         assert entry["lr"] == 3e-3
         assert entry["objective/rlhf_reward"] == pytest.approx(entry["objective/scores"] + entry["objective/non_score_reward"])
+
+
+def test_score_scaling_normalisation_and_clipping_use_running_moments(tmp_path, tiny_tokenizer, monkeypatch):
+    raw, shaped = [], []
+    original = ppo_math.per_token_rewards
+
+    def capture(scores, kl, kl_coef, response_mask):
+        shaped.append(scores.clone())
+        return original(scores, kl, kl_coef, response_mask)
+
+    def reward(prompts, completions, completion_ids, **kwargs):
+        raw.append([3.0 * len(ids) + sum(ids) % 7 for ids in completion_ids])
+        return raw[-1]
+
+    monkeypatch.setattr(ppo_math, "per_token_rewards", capture)
+    trainer = make_trainer(tmp_path, tiny_tokenizer, reward_funcs=[reward], max_steps=3, use_score_scaling=True,
+                           use_score_norm=True, score_clip=1.5)
+    trainer.stop_token_ids = tuple(range(6, 300))
+    trainer.train()
+    for step, scores in enumerate(shaped):
+        history = torch.tensor([value for batch in raw[: step + 1] for value in batch], dtype=torch.float64)
+        expected = (torch.tensor(raw[step], dtype=torch.float64) - history.mean()) / (history.std() + 1.1920929e-07)
+        assert torch.allclose(scores.double(), expected.clamp(-1.5, 1.5), atol=1e-5)
+
+
+@pytest.mark.parametrize("rollout_logprobs", ["generation", "forward"])
+def test_full_kl_is_the_vocabulary_kl_between_policy_and_base(tmp_path, tiny_tokenizer, rollout_logprobs):
+    model = policy_model(random_init=True)
+    base = build_tiny_model("tiny").eval()
+    trainer = make_trainer(tmp_path, tiny_tokenizer, model=model, max_steps=1, kl_estimator="full", temperature=0.8,
+                           rollout_logprobs=rollout_logprobs)
+    expected = []
+    generate = trainer._generate
+
+    def with_independent_kl(query_ids, query_mask):
+        rollout = generate(query_ids, query_mask)
+        for row in range(rollout.batch_size):
+            prompt = rollout.query_ids[row][rollout.query_mask[row].bool()].tolist()
+            response = rollout.response_ids[row][rollout.response_mask[row].bool()].tolist()
+            ids = torch.tensor([prompt + response])
+            with torch.no_grad():
+                policy = torch.log_softmax(model.peft_model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / 0.8, -1)
+                reference = torch.log_softmax(base(input_ids=ids).logits[0, len(prompt) - 1 : -1] / 0.8, -1)
+            expected.append((policy.exp() * (policy - reference)).sum().item())
+        return rollout
+
+    trainer._generate = with_independent_kl
+    trainer.train()
+    assert metric(trainer, "objective/kl")[0] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
+    assert sum(expected) > 0
 
 
 def test_conversational_prompts_use_the_chat_template(tmp_path, tiny_tokenizer):

@@ -75,12 +75,20 @@ RewardFunction = Callable[..., Sequence[float | None]]
 
 
 class NonFiniteValueError(FloatingPointError):
-    """A NaN or inf reached PPO; raised before any optimizer step could write it into the adapters."""
+    """A NaN or inf reached PPO; raised before any optimizer step could write it into the adapters.
 
-    def __init__(self, step: int, name: str, rows: list[int]):
+    ``rows`` are this process's rows (empty when another data-parallel process found them; None for a
+    value that belongs to no row, such as the gradient norm).
+    """
+
+    def __init__(self, step: int, name: str, rows: list[int] | None):
         self.step, self.name, self.rows = step, name, rows
+        if rows is None:
+            where = "this optimizer step"
+        else:
+            where = f"rows {rows} of this batch" if rows else "the batch of another process"
         super().__init__(
-            f"PPO step {step}: `{name}` has NaN/inf values in rows {rows} of this batch; no adapter update was "
+            f"PPO step {step}: `{name}` has NaN/inf values in {where}; no adapter update was "
             "made. Check the reward source (scores), the learning rate and max_grad_norm (logprobs, losses), or "
             "the prompts of these rows."
         )
@@ -627,7 +635,7 @@ class MultiAdapterPPOTrainer(Trainer):
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         if not bool(torch.isfinite(grad_norm)):
-            raise NonFiniteValueError(self.state.global_step, "gradient norm", [])
+            raise NonFiniteValueError(self.state.global_step, "gradient norm", None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.item()
@@ -732,14 +740,20 @@ class MultiAdapterPPOTrainer(Trainer):
     # checks, processes, timing
 
     def _check_finite(self, mask: torch.Tensor | None = None, **tensors: torch.Tensor | None) -> None:
+        """Raise NonFiniteValueError on the first tensor with NaN/inf (inside ``mask`` where shapes match).
+
+        Under data parallelism the verdict is shared, so every rank stops at the same point instead of
+        one rank waiting forever in the next all-reduce.
+        """
         for name, tensor in tensors.items():
             if tensor is None:
                 continue
             bad = ~torch.isfinite(tensor.detach())
             if mask is not None and bad.shape == mask.shape:
                 bad &= mask.bool()
-            if bool(bad.any()):
-                rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+            rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+            flagged = self._sum_across_processes(torch.tensor([float(bool(rows))], device=self.device))
+            if flagged.item() > 0:
                 raise NonFiniteValueError(self.state.global_step, name, rows)
 
     def _broadcast_trainable_parameters(self) -> None:
