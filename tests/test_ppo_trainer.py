@@ -588,6 +588,24 @@ def test_step_api_generate_and_log_stats_follow_trl_0_11(tmp_path, tiny_tokenize
         trainer.generate(queries, temperature=0.5)
 
 
+def test_step_with_prompts_only_samples_scores_and_updates(tmp_path, tiny_tokenizer):
+    seen = []
+
+    def reward(prompts, completions, completion_ids, **kwargs):
+        seen.extend(target_token_reward(prompts, completions, completion_ids))
+        return seen[-len(prompts):]
+
+    trainer = MultiAdapterPPOTrainer(model=policy_model(), args=make_config(tmp_path, temperature=0.9),
+                                     processing_class=tiny_tokenizer, reward_funcs=[reward])
+    queries = [torch.tensor(tiny_tokenizer(f"prompt {i}")["input_ids"]) for i in range(4)]
+    before = trainable_snapshot(trainer.model)
+    stats = trainer.step(queries)
+    assert stats["objective/scores"] == pytest.approx(sum(seen) / 4)
+    assert abs(stats["policy/first_ratio"] - 1.0) <= 1e-5
+    assert stats["time/rollout/generation"] > 0 and stats["policy/optimizer_steps"] == 2 * 4 / 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainable_snapshot(trainer.model)))
+
+
 def test_constructor_errors_name_the_fix(tmp_path, tiny_tokenizer):
     model = policy_model()
     with pytest.raises(ValueError, match="prompt"):

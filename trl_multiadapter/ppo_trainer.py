@@ -246,24 +246,34 @@ class MultiAdapterPPOTrainer(Trainer):
     def step(
         self,
         query_tensors: Sequence[torch.Tensor],
-        response_tensors: Sequence[torch.Tensor],
+        response_tensors: Sequence[torch.Tensor] | None = None,
         scores: Sequence[float | torch.Tensor] | torch.Tensor | None = None,
         response_masks: Sequence[torch.Tensor] | None = None,
     ) -> dict[str, float]:
-        """One PPO iteration on given prompts and responses, TRL 0.11 style.
+        """One PPO iteration on given prompts (and responses), TRL 0.11 style.
 
-        query_tensors, response_tensors: lists of 1-D token id tensors (prompt without padding; the
-        generated tokens only). scores: one scalar per response; None scores them with the reward
-        adapter or ``reward_funcs``. response_masks: optional 1-D 0/1 tensors marking the response
-        tokens to train on. Old logprobs and values come from one no-grad forward (the responses were
-        sampled outside the trainer). Returns the metrics of the iteration, with TRL names.
+        query_tensors: a list of 1-D prompt token tensors (no padding). response_tensors: the generated
+        tokens of each prompt, as TRL 0.11 took them; their old logprobs and values then come from one
+        no-grad forward. With ``response_tensors=None`` the trainer samples the responses itself and
+        keeps the logprobs and values of sampling (the fast path ``train()`` uses). scores: one scalar
+        per response; None scores them with the reward adapter or ``reward_funcs`` from the same token
+        ids. response_masks: optional 1-D 0/1 tensors marking the response tokens to train on.
+        Returns the metrics of the iteration, with TRL names.
         """
-        if len(query_tensors) != len(response_tensors):
-            raise ValueError(f"step() got {len(query_tensors)} queries but {len(response_tensors)} responses")
         self._iteration_start = time.perf_counter()
-        rollout = self._rollout_from_tensors(query_tensors, response_tensors, response_masks)
+        if response_tensors is None:
+            if response_masks is not None:
+                raise ValueError("response_masks apply to given response_tensors only")
+            query_ids, query_mask = left_pad(query_tensors, self.pad_token_id, self.device)
+            with self._timed("time/rollout/generation"):
+                rollout = self._generate(query_ids, query_mask)
+        else:
+            if len(query_tensors) != len(response_tensors):
+                raise ValueError(f"step() got {len(query_tensors)} queries but {len(response_tensors)} responses")
+            rollout = self._rollout_from_tensors(query_tensors, response_tensors, response_masks)
         if scores is None:
-            scores = self._score(rollout, {"prompt": self._decode(rollout.query_ids, rollout.query_mask)})
+            with self._timed("time/rollout/score"):
+                scores = self._score(rollout, {"prompt": self._decode(rollout.query_ids, rollout.query_mask)})
         else:
             scores = _scores_tensor(scores, rollout.batch_size, self.device)
         self._ensure_optimizer(self._planned_iterations())
