@@ -25,8 +25,8 @@ PY="$VENV/bin/python"
 
 echo "== installing $TORCH_SPEC (first, so nothing else picks another torch)"
 "$PY" -m pip install --quiet "$TORCH_SPEC"
-echo "== installing trl-multiadapter[test] (editable)"
-"$PY" -m pip install --quiet -e ".[test]"
+echo "== installing trl-multiadapter[test,quant] (editable)"
+"$PY" -m pip install --quiet -e ".[test,quant]"
 echo "== installed in ${SECONDS}s"
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
