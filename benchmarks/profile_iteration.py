@@ -1,10 +1,11 @@
 """Seconds per PPO iteration of MultiAdapterPPOTrainer, and where they go.
 
-Runs the trainer on ``build_tiny_model("medium")`` (~53M parameters, the benchmark model) with a fresh
-policy LoRA and a random reward adapter: batch 8, 32 sampled tokens per response (fixed length, as in
-the TRL 0.11 comparison), 4 PPO epochs, for each mini-batch size asked for. Prints mean seconds per
-iteration after warm-up and the split into generation, reward and reference passes, training
-forwards, backwards, optimizer steps and adapter switching (time inside ``model.role`` enter/exit).
+Uses the benchmark's shared work dir (``_common.py``: the ``medium`` ~53M Llama, its policy LoRA on
+q/v, the reward adapter, the value head and the 56-72-token prompts), so the numbers line up with
+``run.py``'s comparison against TRL 0.11.4. Each iteration is ``trainer.step(prompts)``: KV-cache
+sampling of 32 tokens per prompt (fixed length) that keeps old logprobs and values, one reward and
+one reference pass over the batch, then 4 PPO epochs. Prints mean seconds per iteration after
+warm-up, the split into phases, and the time spent switching adapters (``model.role`` enter/exit).
 
     python benchmarks/profile_iteration.py --threads 2 --mini-batch-sizes 1 8 --iterations 3
     python benchmarks/profile_iteration.py --dtype bfloat16     # opt-in bf16 frozen base
@@ -15,15 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+import sys
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 PHASES = (
-    ("generation", "time/rollout/generation"),
+    ("generation (prefill + decode)", "time/rollout/generation"),
     ("reward forward", "time/rollout/score"),
     ("reference forward", "time/rollout/reference"),
     ("old logprobs (forward mode)", "time/rollout/old_logprobs"),
@@ -34,15 +37,15 @@ PHASES = (
 
 
 class SwitchTimer:
-    """Time spent entering and leaving ``MultiAdapterModel.role`` (the switch itself, not the body)."""
+    """Time spent entering and leaving adapter roles (the switch itself, not the body): the public
+    ``model.role`` and the model's internal ``_adapters_of`` its own forwards use."""
 
     def __init__(self, model):
         self.seconds, self.switches = 0.0, 0
-        self._role = model.role
-        model.role = self  # an instance attribute shadows the method for the model's own calls too
-
-    def __call__(self, name):
-        return _TimedRole(self._role(name), self)
+        for name in ("role", "_adapters_of"):
+            original = getattr(model, name)
+            # An instance attribute shadows the method, for the model's own calls too.
+            setattr(model, name, lambda role, original=original: _TimedRole(original(role), self))
 
 
 class _TimedRole:
@@ -64,70 +67,53 @@ class _TimedRole:
         return self._timed(self.context.__exit__, *exc_info)
 
 
-def write_reward_adapter(folder: Path, base) -> Path:
-    """A random SEQ_CLS LoRA + score head over ``base``'s decoder, in RewardTrainer's on-disk format."""
+def build_trainer(workdir: Path, mini_batch_size: int, dtype: str, rollout_logprobs: str):
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForSequenceClassification
-
-    from trl_multiadapter.testing import tiny_llama_config
-
-    torch.manual_seed(1)
-    model = LlamaForSequenceClassification(tiny_llama_config("medium"))
-    model.model.load_state_dict(base.model.state_dict())
-    config = LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(folder)
-    return folder
-
-
-def prompts(count: int) -> list[str]:
-    subjects = ("the harbor", "a violin", "the old library", "an orchard", "the glacier", "a bakery", "the tower")
-    return [
-        f"Question {i}: what should a visitor know about {subjects[i % len(subjects)]} before going there"
-        + " and why" * (i % 4)
-        + "?"
-        for i in range(count)
-    ]
-
-
-def profile(mini_batch_size: int, args, reward_dir: Path, output_dir: Path) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import TrainerCallback
+    from safetensors.torch import load_file
+    from transformers import PreTrainedTokenizerFast
 
     from trl_multiadapter import MultiAdapterModel, MultiAdapterPPOConfig, MultiAdapterPPOTrainer
-    from trl_multiadapter.testing import BENCHMARK_VOCAB_SIZE, build_tiny_model, build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer(BENCHMARK_VOCAB_SIZE)
-    torch.manual_seed(0)
-    model = MultiAdapterModel.from_pretrained(build_tiny_model("medium"), reward_adapter=reward_dir, dtype=args.dtype)
-    switches = SwitchTimer(model)
-    config = MultiAdapterPPOConfig(
-        output_dir=str(output_dir), batch_size=8, mini_batch_size=mini_batch_size, ppo_epochs=4, max_new_tokens=32,
-        stop_token=None, max_steps=args.warmup + args.iterations, save_strategy="no", seed=0, disable_tqdm=True,
-        report_to="none", use_cpu=True, learning_rate=1e-5, rollout_logprobs=args.rollout_logprobs,
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(workdir / "tokenizer")
+    model = MultiAdapterModel.from_pretrained(
+        str(workdir / "base"), policy_adapter=str(workdir / "policy_adapter"),
+        reward_adapter=str(workdir / "reward_adapter"), dtype=getattr(torch, dtype),
     )
-    dataset = Dataset.from_dict({"prompt": prompts(8 * (args.warmup + args.iterations))})
-    trainer = MultiAdapterPPOTrainer(model=model, args=config, processing_class=tokenizer, train_dataset=dataset)
-    per_iteration_switch = []
+    head = load_file(str(workdir / "value_head.safetensors"))
+    with torch.no_grad():
+        model.value_head.weight.copy_(head["weight"])
+        model.value_head.bias.copy_(head["bias"])
+    config = MultiAdapterPPOConfig(
+        output_dir=str(workdir / "profile_output"), batch_size=8, mini_batch_size=mini_batch_size, ppo_epochs=4,
+        max_new_tokens=32, stop_token=None, learning_rate=1e-5, save_strategy="no", seed=0, disable_tqdm=True,
+        report_to="none", use_cpu=True, rollout_logprobs=rollout_logprobs,
+    )
+    return MultiAdapterPPOTrainer(model=model, args=config, processing_class=tokenizer)
 
-    class RecordSwitches(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            switches.seconds, switches.switches = 0.0, 0
 
-        def on_step_end(self, *a, **k):
-            per_iteration_switch.append((switches.seconds, switches.switches))
+def profile(workdir: Path, mini_batch_size: int, args) -> dict:
+    import torch
 
-    trainer.add_callback(RecordSwitches())
-    trainer.train()
-    history = [entry for entry in trainer.state.log_history if "time/iteration" in entry][args.warmup :]
-    measured = per_iteration_switch[args.warmup :]
-    seconds = sum(entry["time/iteration"] for entry in history) / len(history)
-    breakdown = {label: sum(entry.get(key, 0.0) for entry in history) / len(history) for label, key in PHASES}
-    breakdown["adapter switching"] = sum(s for s, _ in measured) / len(measured)
+    trainer = build_trainer(workdir, mini_batch_size, args.dtype, args.rollout_logprobs)
+    switches = SwitchTimer(trainer.model)
+    prompts = json.loads((workdir / "prompts.json").read_text())["input_ids"]
+    history, switch_seconds, switch_counts = [], [], []
+    for iteration in range(args.warmup + args.iterations):
+        batch = prompts[(iteration * 8) % len(prompts) :][:8]
+        switches.seconds, switches.switches = 0.0, 0
+        stats = trainer.step([torch.tensor(prompt) for prompt in batch])
+        if iteration >= args.warmup:
+            history.append(stats)
+            switch_seconds.append(switches.seconds)
+            switch_counts.append(switches.switches)
+    count = len(history)
+    breakdown = {label: sum(entry.get(key, 0.0) for entry in history) / count for label, key in PHASES}
+    breakdown["adapter switching"] = sum(switch_seconds) / count
     return {
         "mini_batch_size": mini_batch_size, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "seconds_per_iteration": seconds, "breakdown": breakdown, "switches_per_iteration": measured[0][1],
+        "seconds_per_iteration": sum(entry["time/iteration"] for entry in history) / count,
+        "seconds_each": [round(entry["time/iteration"], 3) for entry in history],
+        "breakdown": breakdown, "role_switches_per_iteration": switch_counts[0],
         "first_ratio": [entry["policy/first_ratio"] for entry in history],
     }
 
@@ -135,13 +121,16 @@ def profile(mini_batch_size: int, args, reward_dir: Path, output_dir: Path) -> d
 def print_report(result: dict) -> None:
     total = result["seconds_per_iteration"]
     print(f"\nmini_batch_size={result['mini_batch_size']}  dtype={result['dtype']}  threads={result['threads']}: "
-          f"{total:.3f} s/iteration ({result['switches_per_iteration']} role switches)")
+          f"{total:.3f} s/iteration {result['seconds_each']}  ({result['role_switches_per_iteration']} role "
+          f"enter/exits, first ratio {result['first_ratio']})")
     accounted = 0.0
     for label, value in result["breakdown"].items():
-        accounted += value if label != "adapter switching" else 0.0
-        print(f"  {label:<30} {value:8.3f} s  {100 * value / total:5.1f} %")
-    print(f"  {'other (data, math, logging)':<30} {total - accounted:8.3f} s  {100 * (total - accounted) / total:5.1f} %")
-    print("  (adapter switching is contained in the passes above)")
+        if label != "adapter switching":
+            accounted += value
+        print(f"  {label:<31} {value:8.3f} s  {100 * value / total:6.2f} %")
+    other = total - accounted
+    print(f"  {'other (data, PPO math, logging)':<31} {other:8.3f} s  {100 * other / total:6.2f} %")
+    print("  (adapter switching is part of the passes above)")
 
 
 def main() -> None:
@@ -152,23 +141,22 @@ def main() -> None:
     parser.add_argument("--mini-batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--rollout-logprobs", choices=["generation", "forward"], default="generation")
+    parser.add_argument("--workdir", type=Path, default=HERE / ".work" / "medium")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
+    import _common
     import torch
     import transformers
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
-    from trl_multiadapter.testing import build_tiny_model
-
+    workdir = _common.ensure_workdir(args.workdir, _common.FixtureSettings())
     results = []
-    with tempfile.TemporaryDirectory() as scratch:
-        reward_dir = write_reward_adapter(Path(scratch) / "reward", build_tiny_model("medium"))
-        for mini_batch_size in args.mini_batch_sizes:
-            result = profile(mini_batch_size, args, reward_dir, Path(scratch) / f"run-{mini_batch_size}")
-            print_report(result)
-            results.append(result)
+    for mini_batch_size in args.mini_batch_sizes:
+        result = profile(workdir, mini_batch_size, args)
+        print_report(result)
+        results.append(result)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

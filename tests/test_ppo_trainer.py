@@ -659,6 +659,8 @@ dist.all_gather_object(results, result)
 if dist.get_rank() == 0:
     with open(os.path.join(sys.argv[1], "ddp.json"), "w") as f:
         json.dump(results, f)
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
@@ -678,7 +680,10 @@ def test_two_process_gloo_run_keeps_adapters_identical_and_prompts_disjoint(tmp_
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                str(script), str(tmp_path / "out")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A clean launch environment: nothing of this process's accelerate/torch.distributed state leaks in.
+    leaked = ("ACCELERATE_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(leaked)}
+    env["OMP_NUM_THREADS"] = "1"
     completed = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert completed.returncode == 0, completed.stderr[-4000:]
     results = json.loads((tmp_path / "out" / "ddp.json").read_text())

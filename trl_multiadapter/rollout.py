@@ -193,12 +193,13 @@ def _sample(model, query_ids, query_mask, settings: SamplingSettings) -> Rollout
             next_ids = _draw(logits, settings, warpers)
             active = ~finished
             token = torch.where(active, next_ids, settings.pad_token_id)
-            token_logprob = ppo_math.logprobs_from_logits(logits[:, None], token[:, None], settings.temperature)[:, 0]
+            # (1, B, V): the step's rows as one "sequence", so the vocabulary reduction is one batched op
+            token_logprob = ppo_math.logprobs_from_logits(logits[None], token[None], settings.temperature)[0]
             tokens.append(token)
             masks.append(active)
             logprobs.append(torch.where(active, token_logprob, 0.0))
             if settings.capture_values:
-                values.append(torch.where(active, value_from_hidden(model, hidden), 0.0))
+                values.append(torch.where(active, model.values_from_hidden(hidden), 0.0))
             if settings.keep_logits:
                 kept_logits.append(logits)
             if stop_ids.numel():
@@ -218,12 +219,6 @@ def _sample(model, query_ids, query_mask, settings: SamplingSettings) -> Rollout
         values=torch.stack(values, dim=1) if values else None,
         logits=torch.stack(kept_logits, dim=1) if kept_logits else None,
     )
-
-
-def value_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """V(s) from final hidden states (..., H) -> (...), as ``policy_forward`` computes values."""
-    head = model.value_head
-    return head(hidden.to(device=head.weight.device, dtype=head.weight.dtype)).squeeze(-1).float()
 
 
 def _decode(decoder, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
