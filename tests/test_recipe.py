@@ -86,7 +86,7 @@ def test_ppo_section_fields_come_from_the_config_class(hh_squad):
 
     config_fields = {f.name for f in dataclasses.fields(MultiAdapterPPOConfig) if f.init}
     section_fields = {f.name for f in dataclasses.fields(hh_squad.ppo)}
-    assert section_fields == (config_fields - {"output_dir"}) | set(recipe.PPO_LORA_FIELDS)
+    assert section_fields == (config_fields - set(recipe.PPO_DERIVED_FIELDS)) | set(recipe.PPO_LORA_FIELDS)
     config = recipe.build_ppo_config(hh_squad.ppo, "out", use_cpu=True)
     assert (config.batch_size, config.learning_rate, config.top_p) == (4, 1e-5, 0.9)
 
@@ -368,3 +368,12 @@ def test_cost_projection_uses_the_seed_article_on_the_same_instance(hh_squad):
     per_iteration = 4 * 4
     assert projection.ppo_samples == 87599 // per_iteration * per_iteration
     assert projection.reference_usd == pytest.approx(projection.ppo_samples * 0.0079)
+
+
+def test_docs_key_reference_is_generated_from_the_help_texts():
+    text = (REPO / "docs" / "recipes.md").read_text()
+    block = text.split("<!-- reference:start -->\n")[1].split("<!-- reference:end -->")[0]
+    assert block == recipe.reference_markdown(), (
+        "docs/recipes.md is out of date: regenerate the block between the reference markers with "
+        "trl_multiadapter.recipe.reference_markdown()"
+    )

@@ -467,7 +467,7 @@ def ppo_config_for(context: StageContext):
     from .recipe import build_ppo_config
 
     ppo = context.recipe.ppo
-    overrides: dict[str, Any] = {"policy_adapter": None, "model_init_kwargs": None}  # the stage builds the model
+    overrides: dict[str, Any] = {"policy_adapter": None}  # the stage builds the model with it
     if not torch.cuda.is_available():
         overrides["use_cpu"] = True  # also what makes accelerate form a gloo group for CPU data parallelism
     config = build_ppo_config(ppo, output_dir=context.stage_dir, **overrides)
@@ -516,6 +516,8 @@ def _device_map(recipe: Recipe) -> dict[str, Any]:
 @register_stage("ppo")
 def ppo_stage(context: StageContext) -> StageResult:
     """Train the policy adapter + value head with PPO; checkpoints under ppo/, resumed after a kill."""
+    from transformers import set_seed
+
     from .checkpointing import latest_checkpoint
     from .ppo_trainer import MultiAdapterPPOTrainer
 
@@ -525,6 +527,9 @@ def ppo_stage(context: StageContext) -> StageResult:
     if not (context.path("reward") / STAGE_MARKER).is_file() and not (context.path("reward") / "_COMPLETE").is_file():
         raise StageFailedError("the ppo stage needs a finished reward adapter; run the 'reward' stage.")
     args = ppo_config_for(context)
+    # The policy LoRA's initial weights come from the global RNG: seed it here, so the stage gives the same
+    # result whether or not earlier stages ran in this process (a resumed run skips them).
+    set_seed(args.seed)
     trainer = MultiAdapterPPOTrainer(
         model=build_policy_model(context),
         args=args,

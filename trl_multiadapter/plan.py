@@ -100,7 +100,10 @@ class ModelDims:
         targets = LINEAR_MODULES if target_modules == "all-linear" else [
             name for name in shapes if name in target_modules
         ]
-        return self.num_layers * sum(rank * (shapes[name][0] + shapes[name][1]) for name in targets)
+        per_block = self.num_layers * sum(rank * (shapes[name][0] + shapes[name][1]) for name in targets)
+        # peft's "all-linear" leaves the output layer out; naming lm_head puts LoRA on it too.
+        on_lm_head = target_modules != "all-linear" and "lm_head" in target_modules
+        return per_block + (rank * (self.hidden_size + self.vocab_size) if on_lm_head else 0)
 
 
 # Architectures of hub models the bundled recipes use, so the estimate works offline.

@@ -26,6 +26,7 @@ import difflib
 import enum
 import functools
 import importlib.resources
+import json
 import os
 import re
 import types
@@ -308,7 +309,10 @@ PPO_LORA_FIELDS = {
     "lora_target_modules": (str | list[str], "all-linear", "Modules that get the policy LoRA, or 'all-linear'."),
 }
 # Config fields a recipe sets elsewhere: the value comes from that key.
-PPO_DERIVED_FIELDS = {"output_dir": "output_dir (top level, or --output_dir)"}
+PPO_DERIVED_FIELDS = {
+    "output_dir": "output_dir (top level, or --output_dir)",
+    "model_init_kwargs": "model.dtype and the quantization section (the ppo stage builds the model)",
+}
 REWARD_DERIVED_FIELDS = {"dtype": "model.dtype"}
 
 
@@ -908,3 +912,69 @@ def _check_hub_push(export: ExportConfig) -> None:
     except OSError as error:  # URLError, timeouts, DNS failures: all mean "no hub from here"
         _fail("export.push_to_hub", f"cannot reach {constants.ENDPOINT} ({type(error).__name__}).",
               "check the network, or set export.push_to_hub=false and upload the exported folder later.")
+
+
+# ---------------------------------------------------------------------------------------- reference docs
+
+# TrainingArguments fields that PPO recipes commonly set; the rest are accepted too but not listed.
+_LISTED_TRAINING_ARGUMENTS = ("learning_rate", "max_steps", "num_train_epochs", "gradient_accumulation_steps",
+                              "max_grad_norm", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed",
+                              "bf16", "activation_checkpointing", "logging_steps", "save_steps",
+                              "save_total_limit", "report_to")
+
+
+def reference_markdown() -> str:
+    """The key reference of docs/recipes.md, generated from the sections' ``metadata["help"]``."""
+    from transformers import TrainingArguments
+
+    lines = []
+    sections = [(f.name, f) for f in dataclasses.fields(Recipe) if not f.metadata.get("internal")]
+    top_level = [(name, f) for name, f in sections if not _is_section(f)]
+    lines += ["### top level", "", "| key | default | meaning |", "|---|---|---|"]
+    lines += [_row(name, f) for name, f in top_level]
+    training_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for name, f in sections:
+        if not _is_section(f):
+            continue
+        cls = f.metadata["section"]() if "section" in f.metadata else typing.get_type_hints(Recipe)[name]
+        for path, sub_cls in _nested_sections(name, cls):
+            rows = []
+            for sub in dataclasses.fields(sub_cls):
+                if not sub.init or dataclasses.is_dataclass(typing.get_type_hints(sub_cls).get(sub.name)):
+                    continue
+                if sub.name in getattr(sub_cls, "derived_fields", {}) or sub.name in _DERIVED_BY_CLASS.get(
+                        sub_cls.__name__, {}):
+                    continue
+                if path == "ppo" and sub.name in training_fields and sub.name not in _LISTED_TRAINING_ARGUMENTS:
+                    continue
+                rows.append(_row(sub.name, sub))
+            lines += ["", f"### {path}", ""]
+            if path == "ppo":
+                lines += ["Also accepted: every other `transformers.TrainingArguments` field.", ""]
+            lines += ["| key | default | meaning |", "|---|---|---|", *rows]
+    return "\n".join(lines) + "\n"
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return "section" in f.metadata or dataclasses.is_dataclass(typing.get_type_hints(Recipe).get(f.name))
+
+
+def _nested_sections(path: str, cls: type) -> list[tuple[str, type]]:
+    found = [(path, cls)]
+    hints = typing.get_type_hints(cls)
+    for sub in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints.get(sub.name)):
+            found += _nested_sections(f"{path}.{sub.name}", hints[sub.name])
+    return found
+
+
+def _row(name: str, f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        default = _to_plain(f.default)
+    elif f.default_factory is not dataclasses.MISSING:
+        default = _to_plain(f.default_factory())
+    else:
+        default = "(required)"
+    shown = "(required)" if default == "(required)" else f"`{json.dumps(default)}`"
+    text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
+    return f"| `{name}` | {shown} | {text} |"

@@ -1,0 +1,1 @@
+"""Example trl-multiadapter plugin (see plugin.py and README.md)."""

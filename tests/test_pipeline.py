@@ -1,0 +1,317 @@
+"""The pipeline on recipes/tiny_cpu.yaml: every stage end to end, skip-if-done reruns, PPO resume after a
+kill, 2-process CPU data parallelism, a plugin stage installed through a real entry point, and the run
+report's numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trl_multiadapter import cli
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_PLUGIN = REPO / "examples" / "plugin_example"
+BUILTIN_STAGES = ("data", "reward", "ppo", "evaluate", "export")
+# The e2e run writes every evaluated sample, so the test can recompute the aggregates from them.
+E2E_OVERRIDES = ("evaluate.num_shown_samples=1000",)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "MPLBACKEND": "Agg", **extra}
+    env.pop("TRL_MULTIADAPTER_LAUNCHED", None)
+    return env
+
+
+def run_cli_subprocess(*argv: str, env: dict[str, str] | None = None, timeout: int = 600):
+    return subprocess.run([sys.executable, "-m", "trl_multiadapter", *argv], capture_output=True, text=True,
+                          env=env or cli_env(), timeout=timeout, cwd=REPO)
+
+
+def override_args(overrides=E2E_OVERRIDES) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished tiny_cpu run (all stages), made once per session in this process."""
+    run_dir = tmp_path_factory.mktemp("tiny-cpu-run") / "run"
+    code = cli.main(["run", "tiny_cpu", "--output_dir", str(run_dir), *override_args()])
+    assert code == 0
+    return run_dir
+
+
+def copy_finished_stages(source: Path, target: Path, stages=("data", "reward")) -> Path:
+    """A new run folder holding only the given finished stages of ``source`` (and its builtin base model)."""
+    target.mkdir(parents=True)
+    for name in ("base_model", *stages):
+        shutil.copytree(source / name, target / name)
+    return target
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------------- e2e
+
+
+@pytest.mark.slow
+def test_every_stage_writes_artifacts_that_reload(tiny_run):
+    from datasets import load_from_disk
+
+    from trl_multiadapter.model import MultiAdapterModel
+    from trl_multiadapter.reward import check_score_head_saved
+
+    for stage in BUILTIN_STAGES:
+        marker = read_json(tiny_run / stage / "stage.json")
+        assert marker["stage"] == stage
+    data_report = read_json(tiny_run / "data" / "data_report.json")
+    for name in ("preference_train", "preference_eval", "prompts_train", "prompts_eval"):
+        dataset = load_from_disk(str(tiny_run / "data" / name))
+        assert len(dataset) == data_report[name]["prepare"]["kept"] > 0
+    assert check_score_head_saved(tiny_run / "reward")
+    reward_metrics = read_json(tiny_run / "reward" / "reward_metrics.json")["metrics"]
+    assert reward_metrics["eval_pairwise_accuracy"] > 0.8  # the planted preference is learnable
+    model = MultiAdapterModel.from_pretrained(str(tiny_run / "base_model"), from_saved=str(tiny_run / "ppo" / "final"))
+    assert set(model.roles) >= {"policy", "reward", "reference"}
+    # export/ has the save_adapters layout too
+    MultiAdapterModel.from_pretrained(str(tiny_run / "base_model"), from_saved=str(tiny_run / "export"))
+    for png in ("training_curves.png", "reward_histogram.png"):
+        content = (tiny_run / "evaluate" / png).read_bytes()
+        assert content.startswith(b"\x89PNG\r\n\x1a\n") and len(content) > 5000
+    history = read_json(tiny_run / "ppo" / "log_history.json")
+    assert sum("objective/kl" in entry for entry in history) == read_json(tiny_run / "ppo" / "stage.json")[
+        "result"]["metrics"]["iterations"]
+
+
+@pytest.mark.slow
+def test_aligned_policy_beats_the_base_on_held_out_prompts(tiny_run):
+    metrics = read_json(tiny_run / "evaluate" / "metrics.json")
+    assert set(metrics) >= {"base", "aligned", "win_rate", "num_prompts"}
+    for policy in ("base", "aligned"):
+        assert set(metrics[policy]) >= {"mean_reward", "kl", "response_length", "stop_rate", "exact_match", "f1"}
+    assert metrics["aligned"]["mean_reward"] > metrics["base"]["mean_reward"]
+    assert metrics["base"]["kl"] == 0.0 and metrics["aligned"]["kl"] > 0.0
+    # Recompute the aggregates from the per-prompt samples (all of them were written).
+    samples = [json.loads(line) for line in (tiny_run / "evaluate" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == metrics["num_prompts"]
+    for policy in ("base", "aligned"):
+        mean = sum(sample[f"{policy}_reward"] for sample in samples) / len(samples)
+        assert mean == pytest.approx(metrics[policy]["mean_reward"], rel=1e-6)
+    wins = sum(1.0 if s["aligned_reward"] > s["base_reward"] else 0.5 if s["aligned_reward"] == s["base_reward"]
+               else 0.0 for s in samples)
+    assert wins / len(samples) == pytest.approx(metrics["win_rate"])
+
+
+@pytest.mark.slow
+def test_exported_policy_loads_with_plain_peft_and_generates(tiny_run):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trl_multiadapter.testing import build_tiny_tokenizer
+
+    policy_dir = tiny_run / "export" / "policy"
+    config = read_json(policy_dir / "adapter_config.json")
+    assert Path(config["base_model_name_or_path"]) == (tiny_run / "base_model").resolve()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_run / "base_model"))
+    model = PeftModel.from_pretrained(base, str(policy_dir)).eval()
+    # The exported weights are the PPO stage's final policy adapter, unchanged.
+    exported = load_file(str(policy_dir / "adapter_model.safetensors"))
+    trained = load_file(str(tiny_run / "ppo" / "final" / "policy" / "adapter_model.safetensors"))
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[key], trained[key]) for key in exported)
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who went to the bakery?"}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    output = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                            pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > len(ids)
+    card = (policy_dir / "README.md").read_text()
+    for heading in ("## Data", "## Hyperparameters", "## Metrics", "## Intended use", "LORA_ADAPTERS",
+                    "--lora-modules"):
+        assert heading in card
+    assert (tiny_run / "export" / "value_head.safetensors").is_file()
+    assert (tiny_run / "export" / "reward" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_report_numbers_follow_from_the_stage_results(tiny_run):
+    report = read_json(tiny_run / "report.json")
+    assert list(report["stages"]) == list(BUILTIN_STAGES)
+    for name, entry in report["stages"].items():
+        result = read_json(tiny_run / name / "stage.json")["result"]
+        assert entry["wall_time_s"] == result["wall_time_s"] > 0
+        if result["samples"]:
+            assert entry["samples_per_s"] == pytest.approx(result["samples"] / result["wall_time_s"])
+        if result["tokens"]:
+            assert entry["tokens_per_s"] == pytest.approx(result["tokens"] / result["wall_time_s"])
+        assert entry["usd_per_sample"] is None  # tiny_cpu has no instance price
+    ppo = read_json(tiny_run / "ppo" / "stage.json")["result"]
+    assert ppo["samples"] == ppo["metrics"]["iterations"] * 16  # batch_size 16, one process
+    assert "| ppo | ran |" in (tiny_run / "report.md").read_text()
+
+
+def test_report_costs_from_the_instance_price():
+    from trl_multiadapter.report import stage_costs
+
+    costs = stage_costs(wall_time_s=1800.0, samples=450, tokens=90_000, price_per_hour=7.09)
+    assert costs["usd"] == pytest.approx(3.545)
+    assert costs["usd_per_sample"] == pytest.approx(3.545 / 450)
+    assert costs["usd_per_1k_tokens"] == pytest.approx(3.545 / 90)
+    assert costs["samples_per_s"] == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_only_checks_and_skips(tiny_run, capsys):
+    before = {path: path.stat().st_mtime_ns for path in tiny_run.rglob("*") if path.is_file()
+              and path.name not in ("report.json", "report.md", "recipe.yaml")}
+    assert cli.main(["run", "tiny_cpu", "--output_dir", str(tiny_run), *override_args()]) == 0
+    out = capsys.readouterr().out
+    assert all(f"[{stage}] skipped" in out for stage in BUILTIN_STAGES)
+    assert "running" not in out
+    after = {path: path.stat().st_mtime_ns for path in before}
+    assert after == before
+    report = read_json(tiny_run / "report.json")
+    assert {entry["status"] for entry in report["stages"].values()} == {"skipped"}
+
+
+@pytest.mark.slow
+def test_changed_recipe_does_not_reuse_a_finished_stage(tiny_run, capsys):
+    code = cli.main(["ppo", "tiny_cpu", "--output_dir", str(tiny_run), *override_args(),
+                     "--set", "reward.learning_rate=0.5"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "holds a finished 'reward' stage of a different recipe" in err
+
+
+# ------------------------------------------------------------------------------------ resume after kill
+
+
+def _checkpoints(ppo_dir: Path) -> list[Path]:
+    return sorted(ppo_dir.glob("checkpoint-*")) if ppo_dir.is_dir() else []
+
+
+@pytest.mark.slow
+def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(tiny_run, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir = copy_finished_stages(tiny_run, tmp_path / "run")
+    argv = ["ppo", "tiny_cpu", "--output_dir", str(run_dir), *override_args()]
+    process = subprocess.Popen([sys.executable, "-m", "trl_multiadapter", *argv], env=cli_env(), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    try:
+        while not _checkpoints(run_dir / "ppo"):
+            assert process.poll() is None, f"the PPO run ended before its first checkpoint: {process.stderr.read()}"
+            assert time.monotonic() < deadline, "no checkpoint within 10 minutes"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (run_dir / "ppo" / "stage.json").exists()
+    first_checkpoint = _checkpoints(run_dir / "ppo")[0].name
+
+    rerun = run_cli_subprocess(*argv)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "[data] skipped" in rerun.stdout and "[reward] skipped" in rerun.stdout
+    metrics = read_json(run_dir / "ppo" / "stage.json")["result"]["metrics"]
+    assert Path(metrics["resumed_from"]).name.startswith("checkpoint-")
+    assert int(Path(metrics["resumed_from"]).name.split("-")[1]) >= int(first_checkpoint.split("-")[1])
+    for relative in ("policy/adapter_model.safetensors", "value_head.safetensors"):
+        resumed = load_file(str(run_dir / "ppo" / "final" / relative))
+        uninterrupted = load_file(str(tiny_run / "ppo" / "final" / relative))
+        assert resumed.keys() == uninterrupted.keys()
+        for key in resumed:
+            torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- cpu_ddp
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cpu_ddp_runs_the_ppo_stage_with_two_processes(tiny_run, tmp_path):
+    import torch
+
+    run_dir = copy_finished_stages(tiny_run, tmp_path / "run")
+    result = run_cli_subprocess("ppo", "tiny_cpu", "--output_dir", str(run_dir), "--accelerate_config", "cpu_ddp",
+                                "--set", "ppo.max_steps=2", "--set", "ppo.save_steps=2",
+                                env=cli_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    stage = read_json(run_dir / "ppo" / "stage.json")["result"]
+    assert stage["metrics"]["iterations"] == 2
+    assert stage["samples"] == 2 * 16 * 2  # iterations x batch_size per process x 2 processes
+    checkpoint = run_dir / "ppo" / "checkpoint-2"
+    assert sorted(path.name for path in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth",
+                                                                                 "rng_state_1.pth"]
+    assert torch.load(checkpoint / "ppo_state.pt", weights_only=False)["num_processes"] == 2
+
+
+# -------------------------------------------------------------------------------------------- plugins
+
+
+def install_example_plugin(site: Path) -> dict[str, str]:
+    """A dist-info with the example package's real entry point, importable through PYTHONPATH."""
+    site.mkdir()
+    info = site / "trl_multiadapter_example_plugin-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: trl-multiadapter-example-plugin\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[trl_multiadapter.plugins]\nexample = trl_multiadapter_example.plugin:register\n")
+    python_path = os.pathsep.join([str(site), str(EXAMPLE_PLUGIN), os.environ.get("PYTHONPATH", "")])
+    return cli_env(PYTHONPATH=python_path.rstrip(os.pathsep))
+
+
+@pytest.mark.slow
+def test_plugin_stage_from_an_entry_point_runs_after_the_builtin_stages(tiny_run, tmp_path):
+    run_dir = copy_finished_stages(tiny_run, tmp_path / "run", stages=BUILTIN_STAGES)
+    env = install_example_plugin(tmp_path / "site")
+    result = run_cli_subprocess(
+        "run", "tiny_cpu", "--output_dir", str(run_dir), *override_args(),
+        "--set", "stages=[data, reward, ppo, evaluate, export, keyword_report]",
+        "--set", "stage_options={keyword_report: {keywords: [gladly, certainly, thanks]}}", env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert all(f"[{stage}] skipped" in result.stdout for stage in BUILTIN_STAGES)
+    assert "[keyword_report] done" in result.stdout
+    report = read_json(run_dir / "keyword_report" / "keyword_report.json")
+    samples = [json.loads(line) for line in (run_dir / "evaluate" / "samples.jsonl").read_text().splitlines()]
+    keywords = {"gladly", "certainly", "thanks"}
+    for policy in ("base", "aligned"):
+        counts = [sum(word.strip(".,!?;:").lower() in keywords for word in s[f"{policy}_response"].split())
+                  for s in samples]
+        assert report[policy] == pytest.approx(sum(counts) / len(samples))
+    assert read_json(run_dir / "report.json")["stages"]["keyword_report"]["samples"] == len(samples)
+
+
+def test_unknown_plugin_stage_is_a_recipe_error(capsys):
+    code = cli.main(["run", "tiny_cpu", "--dry_run", "--set", "stages=[data, keyword_reprot]"])
+    assert code == 2 and "stages[1]: unknown stage 'keyword_reprot'" in capsys.readouterr().err
+
+
+def test_example_plugin_reward_function_and_data_source(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE_PLUGIN))
+    from trl_multiadapter_example import plugin
+
+    from trl_multiadapter.registry import Registries
+
+    registries = Registries(builtin_modules={"data_sources": (), "reward_functions": (), "stages": ()})
+    plugin.register(registries)
+    reward = registries.reward_functions.get("keyword_reward")
+    assert reward(["Gladly, sure!", "no", [{"role": "assistant", "content": "thanks thanks"}]]) == [2.0, 0.0, 2.0]
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("Where is the river?\n\nWho baked the bread?\n")
+    dataset = registries.data_sources.get("prompt_lines")(str(lines), system_prompt="Be brief.")
+    assert dataset["prompt"][1] == [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Who baked the bread?"}]
