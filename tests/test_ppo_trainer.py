@@ -606,6 +606,19 @@ def test_step_with_prompts_only_samples_scores_and_updates(tmp_path, tiny_tokeni
     assert any(not torch.equal(a, b) for a, b in zip(before, trainable_snapshot(trainer.model)))
 
 
+def test_model_id_loading_with_bf16_autocast_and_gradient_checkpointing(tmp_path, tiny_tokenizer, tiny_model_dir):
+    """`model` as a path: the config's model fields reach MultiAdapterModel.from_pretrained; bf16 mixed precision
+    (accelerate autocast) keeps sampling and training logprobs close."""
+    args = make_config(tmp_path, max_steps=1, bf16=True, use_cpu=True, gradient_checkpointing=True,
+                       value_model="critic")
+    trainer = MultiAdapterPPOTrainer(model=str(tiny_model_dir), args=args, processing_class=tiny_tokenizer,
+                                     train_dataset=prompt_dataset(), reward_funcs=[target_token_reward],
+                                     peft_config=policy_lora())
+    assert trainer.model.value_model == "critic" and trainer.model.gradient_checkpointing
+    trainer.train()
+    assert abs(metric(trainer, "policy/first_ratio")[0] - 1.0) < 2e-2
+
+
 def test_constructor_errors_name_the_fix(tmp_path, tiny_tokenizer):
     model = policy_model()
     with pytest.raises(ValueError, match="prompt"):

@@ -919,6 +919,9 @@ def _build_model(model, args: MultiAdapterPPOConfig, reward_adapter, peft_config
         _check_built_model(model, args, reward_adapter, peft_config)
         return model
     kwargs = dict(args.model_init_kwargs or {})
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; either turns it on.
+    checkpointing = bool(getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)
+    kwargs.setdefault("gradient_checkpointing", checkpointing)
     return MultiAdapterModel.from_pretrained(
         model,
         policy_config=peft_config,
