@@ -141,7 +141,8 @@ def main() -> None:
     parser.add_argument("--mini-batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--rollout-logprobs", choices=["generation", "forward"], default="generation")
-    parser.add_argument("--workdir", type=Path, default=HERE / ".work" / "medium")
+    # Its own copy of the benchmark fixtures, so a profile never races run.py over the same folder.
+    parser.add_argument("--workdir", type=Path, default=HERE / ".work" / "profile-medium")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
