@@ -312,15 +312,16 @@ def test_only_policy_and_value_head_change_base_and_reward_stay_bit_identical(tm
 
 
 def test_kl_is_exactly_zero_while_the_policy_equals_the_reference(tmp_path, tiny_tokenizer):
-    trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=1, kl_estimator="k3")
+    trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=1, kl_estimator="k3", batch_size=4, mini_batch_size=1)
+    prompts = ["first prompt", "2nd", "a third, longer prompt here", "4"]
     stats = trainer.step(
-        [torch.tensor(tiny_tokenizer("first prompt")["input_ids"]), torch.tensor(tiny_tokenizer("2nd")["input_ids"])],
-        [torch.tensor([300, 301, EOT_ID]), torch.tensor([7])],
-        [torch.tensor(1.0), torch.tensor(-0.5)],
+        [torch.tensor(tiny_tokenizer(text)["input_ids"]) for text in prompts],
+        [torch.tensor([300, 301, EOT_ID]), torch.tensor([7]), torch.tensor([9, 10, 11, 12, 13]), torch.tensor([EOS_ID])],
+        [torch.tensor(1.0), torch.tensor(-0.5), torch.tensor(2.0), torch.tensor(0.5)],
     )
     assert stats["objective/kl"] == 0.0 and stats["objective/non_score_reward"] == 0.0
-    assert stats["objective/scores"] == pytest.approx(0.25)
-    assert stats["val/num_eos_tokens"] == 1  # only the first response holds a stop token
+    assert stats["objective/scores"] == pytest.approx(0.75)
+    assert stats["val/num_eos_tokens"] == 2  # the first and the last response hold a stop token
 
 
 def test_metrics_follow_trl_names_and_match_the_rewards(tmp_path, tiny_tokenizer):

@@ -372,10 +372,13 @@ class MultiAdapterPPOTrainer(Trainer):
         args = self.args
         self._check_finite(scores=scores[:, None])
         orders = self._minibatch_orders(rollout.batch_size)
+        # Old logprobs from the training forward (exact mode, or responses sampled outside): the reference
+        # then runs on the same mini-batches, so a policy equal to its reference has a KL of exactly 0.
+        exact = args.rollout_logprobs == "forward" or rollout.logprobs is None
         with self._timed("time/rollout/old_logprobs"):
-            rollout = self._with_old_logprobs_and_values(rollout, orders[0])
+            rollout = self._with_old_logprobs_and_values(rollout, orders[0], exact)
         with self._timed("time/rollout/reference"):
-            ref_logprobs, ref_logits = self._reference_logprobs(rollout, orders[0])
+            ref_logprobs, ref_logits = self._reference_logprobs(rollout, orders[0] if exact else None)
         mask = rollout.response_mask
         self._check_finite(logprobs=rollout.logprobs, ref_logprobs=ref_logprobs, values=rollout.values, mask=mask)
         scores = self._penalise_missing_stop(scores, rollout.stopped)
@@ -401,9 +404,9 @@ class MultiAdapterPPOTrainer(Trainer):
         rollout_stats = _rollout_stats(rollout, scores, kl, non_score_rewards, kl_coef)
         stats = self._mean_across_processes({**rollout_stats, **train_stats})
         self.kl_ctl.update(stats["objective/kl"], args.batch_size * self.num_processes)
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this iteration used
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        stats["lr"] = self.optimizer.param_groups[0]["lr"]
         stats["episode"] = (self.state.global_step + 1) * args.batch_size * self.num_processes
         self.timings["time/iteration"] = time.perf_counter() - self._iteration_start
         stats.update(self.timings)
@@ -468,9 +471,8 @@ class MultiAdapterPPOTrainer(Trainer):
             raise ValueError(f"every reward function returned None for rows {rows}; at least one must score each row")
         return total.float().to(self.device)
 
-    def _with_old_logprobs_and_values(self, rollout: Rollout, first_order: torch.Tensor) -> Rollout:
-        """Fill old logprobs/values that sampling did not capture (or all of them in 'forward' mode)."""
-        exact = self.args.rollout_logprobs == "forward" or rollout.logprobs is None
+    def _with_old_logprobs_and_values(self, rollout: Rollout, first_order: torch.Tensor, exact: bool) -> Rollout:
+        """Fill old logprobs/values that sampling did not capture (or all of them when ``exact``)."""
         if exact:
             return self._forward_logprobs_and_values(rollout, first_order)
         if rollout.values is None:  # value_model="critic": one batched no-grad critic pass
@@ -493,15 +495,18 @@ class MultiAdapterPPOTrainer(Trainer):
         rollout.logprobs, rollout.values, rollout.logits = outputs["logprobs"], outputs["values"], outputs.get("logits")
         return rollout
 
-    def _reference_logprobs(self, rollout: Rollout, first_order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _reference_logprobs(
+        self, rollout: Rollout, minibatch_order: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Reference logprobs (B, R) at the sampling temperature (and logits for the full KL), no grad.
 
-        One pass over the whole batch; in 'forward' mode over the same mini-batches as the old logprobs,
-        so that a policy equal to its reference gives a KL of exactly 0.
+        One pass over the whole batch, or over the mini-batches of ``minibatch_order`` (those the old
+        logprobs were computed on).
         """
-        exact = self.args.rollout_logprobs == "forward"
-        order = first_order if exact else torch.arange(rollout.batch_size, device=self.device)
-        chunk = self.args.mini_batch_size if exact else rollout.batch_size
+        if minibatch_order is None:
+            order, chunk = torch.arange(rollout.batch_size, device=self.device), rollout.batch_size
+        else:
+            order, chunk = minibatch_order, self.args.mini_batch_size
 
         def reference(minibatch: TrainingBatch) -> dict[str, torch.Tensor]:
             input_ids, attention_mask = _forward_inputs(minibatch)
@@ -738,7 +743,7 @@ class MultiAdapterPPOTrainer(Trainer):
         with self.accelerator.autocast():
             rollout = sample_rollout(self.model, query_ids, query_mask, settings)
         scores = self._score(rollout, columns)
-        ref_logprobs, _ = self._reference_logprobs(rollout, torch.arange(rollout.batch_size, device=self.device))
+        ref_logprobs, _ = self._reference_logprobs(rollout)
         mask = rollout.response_mask.bool()
         kl = torch.where(mask, rollout.logprobs - ref_logprobs, 0.0).sum(1)
         return torch.stack([
