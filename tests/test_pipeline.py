@@ -315,3 +315,125 @@ def test_example_plugin_reward_function_and_data_source(tmp_path, monkeypatch):
     dataset = registries.data_sources.get("prompt_lines")(str(lines), system_prompt="Be brief.")
     assert dataset["prompt"][1] == [{"role": "system", "content": "Be brief."},
                                     {"role": "user", "content": "Who baked the bread?"}]
+
+
+# -------------------------------------------------------------------------------- generate, data, report
+
+
+@pytest.mark.slow
+def test_generate_command_matches_plain_peft_greedy_decoding(tiny_run, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trl_multiadapter.testing import build_tiny_tokenizer
+
+    base_dir, adapter_dir = tiny_run / "base_model", tiny_run / "export" / "policy"
+    question = "Who went to the bakery to choose a heavy violin?"
+    code = cli.main(["generate", "--base", str(base_dir), "--adapter", str(adapter_dir), "--prompt", question,
+                     "--greedy", "--max_new_tokens", "6"])
+    assert code == 0
+    out = capsys.readouterr().out
+    tokenizer = build_tiny_tokenizer()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter_dir)).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    output = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()
+    assert out == f">>> {question}\n{expected}\n\n"
+
+
+def test_data_stage_counts_malformed_rows_and_writes_the_encoded_splits(tmp_path):
+    from datasets import load_from_disk
+
+    from trl_multiadapter import recipe
+    from trl_multiadapter.pipeline import run_pipeline
+    from trl_multiadapter.testing import write_tiny_hh_rlhf, write_tiny_squad
+
+    pairs = write_tiny_hh_rlhf(tmp_path / "pairs.jsonl", n=12, seed=3)
+    with pairs.open("a") as handle:
+        handle.write('{"chosen": 3, "rejected": "x"}\n')  # one malformed row among 13
+    squad = write_tiny_squad(tmp_path / "squad.json", n=10, seed=4)
+    loaded = recipe.load("tiny_cpu", [
+        f"output_dir={tmp_path / 'run'}", "stages=[data]",
+        "data.preference.source=hh_rlhf", f"data.preference.path={pairs}", "data.preference.data_dir=null",
+        "data.preference.options={}", "data.prompts.options={}",
+        "data.prompts.source=squad", f"data.prompts.path={squad}", "data.prompts.max_eval_samples=4",
+    ])
+    outcome = run_pipeline(loaded)
+    report = read_json(tmp_path / "run" / "data" / "data_report.json")
+    train = report["preference_train"]
+    assert (train["load"]["total"], train["load"]["kept"]) == (13, 12)
+    assert train["load"]["dropped"] == {"non_string_field": 1} and train["load"]["examples"]["non_string_field"] == [12]
+    assert len(load_from_disk(str(tmp_path / "run" / "data" / "preference_train"))) == train["prepare"]["kept"]
+    prompts_eval = load_from_disk(str(tmp_path / "run" / "data" / "prompts_eval"))
+    assert len(prompts_eval) == 4 and "input_ids" in prompts_eval.column_names
+    result = outcome.outcomes[0].result
+    assert result.metrics["preference_train_dropped"] == 1 + train["prepare"]["total"] - train["prepare"]["kept"]
+
+
+def test_report_shows_the_seed_article_beside_ours_on_the_same_instance(tmp_path):
+    from trl_multiadapter import recipe
+    from trl_multiadapter.pipeline import StageOutcome, StageResult
+    from trl_multiadapter.report import build_report, format_markdown
+
+    loaded = recipe.load("hh_squad", [f"output_dir={tmp_path}"])
+    outcome = StageOutcome("ppo", "ran", StageResult(samples=1000, tokens=400_000, wall_time_s=3600.0))
+    report = build_report(loaded, [outcome])
+    ppo = report["stages"]["ppo"]
+    assert ppo["usd_per_sample"] == pytest.approx(7.09 / 1000)
+    assert ppo["usd_per_1k_tokens"] == pytest.approx(7.09 / 400)
+    assert report["reference"]["stages"]["ppo"]["usd_per_sample"] == 0.0079
+    markdown = format_markdown(report)
+    assert "Beside the seed article" in markdown and "~$0.0079 / sample" in markdown
+    other = recipe.load("hh_squad", [f"output_dir={tmp_path}", "instance.name=ml.p4d.24xlarge"])
+    assert "reference" not in build_report(other, [outcome])
+
+
+@pytest.mark.slow
+def test_ppo_command_takes_a_flat_trl_style_config(tiny_run, tmp_path, capsys):
+    import yaml
+    from datasets import load_from_disk
+
+    prompts = load_from_disk(str(tiny_run / "data" / "prompts_train")).select(range(8))
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts.select_columns(["prompt"]).to_json(str(prompts_file))
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny_run / "base_model"), "reward_adapter": str(tiny_run / "reward"),
+        "dataset_name": str(prompts_file), "output_dir": str(tmp_path / "ignored"), "learning_rate": 0.002,
+        "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 4, "max_steps": 2,
+        "save_strategy": "no", "report_to": "none", "lora_r": 4,
+    }))
+    assert cli.main(["ppo", "--config", str(config), "--output_dir", str(tmp_path / "out")]) == 0
+    final = tmp_path / "out" / "final"
+    saved = json.loads((final / "ppo_config.json").read_text())
+    assert (saved["learning_rate"], saved["batch_size"], saved["max_steps"]) == (0.002, 4, 2)
+    assert read_json(final / "policy" / "adapter_config.json")["r"] == 4
+    assert not (tmp_path / "ignored").exists()  # --output_dir wins over the file, as in TRL
+
+
+@pytest.mark.slow
+def test_bundled_recipes_run_by_name_from_a_plain_wheel_install(tmp_path):
+    """Build the wheel, install it (not editable) into a folder, and dry-run both recipes by name from outside
+    the source tree: recipes and accelerate configs must ship as package data."""
+    source = tmp_path / "src"
+    subprocess.run([sys.executable, str(REPO / "ci" / "copy_source.py"), str(REPO), str(source)], check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("trl_multiadapter-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, capture_output=True)
+    code = ("import sys, trl_multiadapter\n"
+            "assert trl_multiadapter.__file__.startswith(sys.argv[1]), trl_multiadapter.__file__\n"
+            "from trl_multiadapter.cli import main\n"
+            "sys.exit(main(['run', sys.argv[2], '--dry_run']))\n")
+    env = cli_env(PYTHONPATH=str(tmp_path / "site"))
+    for name, processes in (("hh_squad", 4), ("tiny_cpu", 1)):
+        result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site"), name], capture_output=True,
+                                text=True, env=env, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"Recipe: {tmp_path / 'site' / 'trl_multiadapter' / 'recipes' / name}.yaml" in result.stdout
+        assert f"Processes: {processes}" in result.stdout

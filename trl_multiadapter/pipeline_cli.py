@@ -56,6 +56,8 @@ def _run(args: argparse.Namespace, command: str, until: str | None) -> int:
     if args.recipe and args.config and args.recipe != args.config:
         raise RecipeError("--config", f"two recipes given: {args.recipe!r} and --config {args.config!r}.",
                           "give the recipe once, as the positional argument or with --config.")
+    if command == "ppo" and _is_flat_ppo_config(args.config or args.recipe):
+        return _run_flat_ppo(args)
     recipe = load(args.config or args.recipe or DEFAULT_RECIPE, args.overrides, output_dir=args.output_dir)
     if until is not None and until not in recipe.stages:
         raise RecipeError("stages", f"the recipe does not include the '{until}' stage.",
@@ -80,6 +82,39 @@ def _run(args: argparse.Namespace, command: str, until: str | None) -> int:
     outcome = run_pipeline(recipe, until=until, on_stage=_print_stage)
     if outcome.report and _is_main_process():
         print(f"report: {outcome.run_dir / 'report.md'}")
+    return 0
+
+
+def _is_flat_ppo_config(path: str | None) -> bool:
+    """A YAML file of MultiAdapterPPOConfig fields (TRL style) rather than a sectioned recipe."""
+    from pathlib import Path
+
+    import yaml
+
+    from .recipe import Recipe
+
+    if path is None or not Path(path).is_file():
+        return False
+    content = yaml.safe_load(Path(path).read_text()) or {}
+    sections = {name for name in Recipe.__dataclass_fields__ if name != "output_dir"}
+    return isinstance(content, dict) and not sections & set(content)
+
+
+def _run_flat_ppo(args: argparse.Namespace) -> int:
+    from .launch import is_launched, read_accelerate_config, relaunch
+    from .recipe import RecipeError
+
+    if args.overrides or args.dry_run:
+        raise RecipeError("--set", "a flat MultiAdapterPPOConfig file takes no --set or --dry_run.",
+                          "edit the YAML file, or use a sectioned recipe (docs/recipes.md).")
+    config = args.config or args.recipe
+    if args.accelerate_config and not is_launched():
+        launch = read_accelerate_config(args.accelerate_config)
+        extra = ["--output_dir", args.output_dir] if args.output_dir else []
+        return relaunch(launch, ["ppo", "--config", config, *extra])
+    from .ppo_script import run_flat_ppo
+
+    run_flat_ppo(config, output_dir=args.output_dir)
     return 0
 
 
