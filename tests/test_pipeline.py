@@ -437,3 +437,35 @@ def test_bundled_recipes_run_by_name_from_a_plain_wheel_install(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"Recipe: {tmp_path / 'site' / 'trl_multiadapter' / 'recipes' / name}.yaml" in result.stdout
         assert f"Processes: {processes}" in result.stdout
+
+
+@pytest.mark.slow
+def test_merged_export_equals_base_plus_adapter(tiny_run, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trl_multiadapter.export import merge_policy
+    from trl_multiadapter.testing import build_tiny_tokenizer
+
+    base_dir, policy_dir = tiny_run / "base_model", tiny_run / "export" / "policy"
+    merge_policy(str(base_dir), policy_dir, tmp_path / "merged", "float32", build_tiny_tokenizer())
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(policy_dir))
+    input_ids = torch.tensor([[0, 2, 17, 44, 3, 99, 230, 511, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, with_adapter.eval()(input_ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_hub_push_without_network_fails_before_any_stage(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out_dir = tmp_path / "run"
+    code = cli.main(["run", "tiny_cpu", "--output_dir", str(out_dir), "--set", "export.push_to_hub=true",
+                     "--set", "export.hub_model_id=someone/tiny-policy"])
+    err = capsys.readouterr().err
+    assert code == 2 and "export.push_to_hub: the Hugging Face Hub is switched off here" in err
+    assert not out_dir.exists()

@@ -275,12 +275,24 @@ def _barrier() -> None:
 
 
 def base_model_path(context: StageContext) -> str:
-    """The base model as a path or hub id; a builtin test model is saved once under the run folder."""
+    """The base model as a path or hub id; a builtin test model lives under the run folder (see
+    ``materialise_base_model``, which the data stage calls)."""
     model = context.recipe.model
     if not model.is_builtin:
         return model.name_or_path
     path = context.run_dir / BASE_MODEL_DIR
-    if context.is_main_process and not (path / "config.json").is_file():
+    if not (path / "config.json").is_file():
+        raise StageFailedError(f"{path} is missing: the data stage saves the builtin base model there; "
+                               f"run the 'data' stage (or delete {context.run_dir / 'data'} to redo it).")
+    return str(path.resolve())
+
+
+def materialise_base_model(context: StageContext) -> None:
+    """Save a builtin test model once under the run folder, so every stage and the export refer to a path.
+    Called by every process (it synchronises them)."""
+    model = context.recipe.model
+    path = context.run_dir / BASE_MODEL_DIR
+    if model.is_builtin and context.is_main_process and not (path / "config.json").is_file():
         from .testing import build_tiny_model, build_tiny_tokenizer
 
         tmp = context.run_dir / f".tmp-{BASE_MODEL_DIR}"
@@ -288,7 +300,6 @@ def base_model_path(context: StageContext) -> str:
         build_tiny_tokenizer().save_pretrained(tmp)
         os.replace(tmp, path)
     context.wait_for_everyone()
-    return str(path.resolve())
 
 
 def load_tokenizer(context: StageContext):
@@ -363,7 +374,7 @@ def data_stage(context: StageContext) -> StageResult:
 
     recipe, out = context.recipe, context.stage_dir
     tokenizer = load_tokenizer(context)
-    base_model_path(context)  # materialise a builtin model once, before any training stage needs it
+    materialise_base_model(context)
     counts: dict[str, Any] = {}
     samples = tokens = 0
     preference = recipe.data.preference
