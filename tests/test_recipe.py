@@ -377,3 +377,21 @@ def test_docs_key_reference_is_generated_from_the_help_texts():
         "docs/recipes.md is out of date: regenerate the block between the reference markers with "
         "trl_multiadapter.recipe.reference_markdown()"
     )
+
+
+def test_reward_function_names_are_checked(tiny_data):
+    from trl_multiadapter.registry import reward_functions
+
+    error = load_error(tiny_data, ["stage_options={ppo: {reward_funcs: [no_such_reward]}}"])
+    assert error.key_path == "stage_options.ppo.reward_funcs[0]" and "unknown reward function" in str(error)
+
+    def length_reward(completions, **kwargs):
+        return [float(len(text)) for text in completions]
+
+    reward_functions.register("test_length_reward", length_reward)
+    try:
+        loaded = recipe.load(data=copy.deepcopy(tiny_data),
+                             overrides=["stage_options={ppo: {reward_funcs: [test_length_reward]}}"])
+        assert loaded.stage_options["ppo"]["reward_funcs"] == ["test_length_reward"]
+    finally:
+        reward_functions.unregister("test_length_reward")

@@ -867,10 +867,29 @@ def _check_stages(recipe: Recipe) -> None:
         if name not in recipe.stages:
             _fail(f"stage_options.{name}", f"gives options for {name!r}, which is not in stages.",
                   f"add {name!r} to stages, or remove its options.")
+    _check_reward_functions(recipe.stage_options.get("ppo", {}).get("reward_funcs"))
     order = [name for name in DEFAULT_STAGES if name in recipe.stages]
     if order != [name for name in recipe.stages if name in DEFAULT_STAGES]:
         _fail("stages", f"lists the built-in stages out of order: {recipe.stages}.",
               f"keep the order {list(DEFAULT_STAGES)}; plugin stages may go anywhere.")
+
+
+def _check_reward_functions(names: Any) -> None:
+    from .registry import reward_functions
+
+    if names is None:
+        return
+    key = "stage_options.ppo.reward_funcs"
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        _fail(key, f"must be a list of reward function names, got {_describe(names)}.",
+              "write e.g. reward_funcs: [keyword_reward].")
+    for index, name in enumerate(names):
+        if name not in reward_functions:
+            close = difflib.get_close_matches(name, reward_functions.names(), n=1)
+            _fail(f"{key}[{index}]", f"unknown reward function {name!r}."
+                  + (f" Did you mean {close[0]!r}?" if close else ""),
+                  f"use registered reward functions: {', '.join(reward_functions.names()) or '(none)'} "
+                  "(plugins add more).")
 
 
 # ------------------------------------------------------------------------------------ runtime checks
