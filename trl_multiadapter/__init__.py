@@ -15,7 +15,7 @@ _LAZY_ATTRIBUTES = {
     "MultiAdapterPPOTrainer": "trl_multiadapter.ppo_trainer",
 }
 
-__all__ = ["__version__", *_LAZY_ATTRIBUTES]
+__all__ = ["MultiAdapterModel", "MultiAdapterPPOConfig", "MultiAdapterPPOTrainer", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import MultiAdapterModel
