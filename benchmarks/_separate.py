@@ -24,6 +24,7 @@ from transformers import LlamaForCausalLM, LlamaForSequenceClassification, Llama
 
 from trl_multiadapter import ppo_math
 from trl_multiadapter.kl_control import AdaptiveKLController
+from trl_multiadapter.model import position_ids_from_mask
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,6 @@ class PPOSettings:
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     max_grad_norm: float = 1.0
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions count real tokens only, so a left-padded row is computed like an unpadded one."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class SeparateCopiesPPO:

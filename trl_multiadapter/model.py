@@ -65,6 +65,7 @@ from .model_io import (
     score_key_kind,
 )
 from .model_quant import KBIT_CPU_TRAINING_ERROR, is_kbit_model, kbit_weights_on_cpu
+from .ppo_math import last_token_indices
 
 POLICY_ADAPTER = "policy"
 REWARD_ADAPTER = "reward"
@@ -106,9 +107,7 @@ def last_non_pad_index(attention_mask: torch.Tensor) -> torch.Tensor:
     if not bool(has_token.all()):
         empty_row = int((~has_token).nonzero()[0])
         raise ValueError(f"attention_mask row {empty_row} has no tokens (all zeros); drop empty rows before scoring")
-    seq_len = mask.shape[-1]
-    # argmax returns the first maximum: on the flipped mask that is the last 1 of the row
-    return (seq_len - 1) - mask.flip(-1).int().argmax(dim=-1)
+    return last_token_indices(mask)
 
 
 def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
