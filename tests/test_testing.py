@@ -346,3 +346,15 @@ def test_pad_equal_to_eos_makes_transformers_read_the_wrong_token(tiny_tokenizer
     last = _last_real_index(attention_mask)
     assert torch.equal(pooled, per_position[rows, last - 1])  # the token before <|eot_id|>
     assert not torch.equal(pooled, per_position[rows, last])
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "medium"])
+def test_tokenizer_for_a_size_covers_exactly_that_models_vocabulary(size):
+    from trl_multiadapter.testing import build_tiny_tokenizer_for, tiny_llama_config
+
+    tokenizer = build_tiny_tokenizer_for(size)
+    vocab_size = tiny_llama_config(size).vocab_size
+    assert len(tokenizer) == vocab_size
+    assert max(tokenizer.get_vocab().values()) == vocab_size - 1
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        build_tiny_tokenizer_for("huge")

@@ -159,9 +159,10 @@ def generate_from_adapter(base: str, adapter: str | None, prompts: list[str], *,
     from .recipe import BUILTIN_MODEL_PREFIX
 
     if base.startswith(BUILTIN_MODEL_PREFIX):
-        from .testing import build_tiny_model, build_tiny_tokenizer
+        from .testing import build_tiny_model, build_tiny_tokenizer_for
 
-        model, tokenizer = build_tiny_model(base[len(BUILTIN_MODEL_PREFIX):]), build_tiny_tokenizer()
+        size = base[len(BUILTIN_MODEL_PREFIX):]
+        model, tokenizer = build_tiny_model(size), build_tiny_tokenizer_for(size)
     else:
         model = AutoModelForCausalLM.from_pretrained(base)
         tokenizer = AutoTokenizer.from_pretrained(base)

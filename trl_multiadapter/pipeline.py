@@ -293,11 +293,11 @@ def materialise_base_model(context: StageContext) -> None:
     model = context.recipe.model
     path = context.run_dir / BASE_MODEL_DIR
     if model.is_builtin and context.is_main_process and not (path / "config.json").is_file():
-        from .testing import build_tiny_model, build_tiny_tokenizer
+        from .testing import build_tiny_model, build_tiny_tokenizer_for
 
         tmp = context.run_dir / f".tmp-{BASE_MODEL_DIR}"
         build_tiny_model(model.builtin_size, task="causal", seed=model.seed).save_pretrained(tmp)
-        build_tiny_tokenizer().save_pretrained(tmp)
+        build_tiny_tokenizer_for(model.builtin_size).save_pretrained(tmp)
         os.replace(tmp, path)
     context.wait_for_everyone()
 
@@ -305,9 +305,9 @@ def materialise_base_model(context: StageContext) -> None:
 def load_tokenizer(context: StageContext):
     model = context.recipe.model
     if model.is_builtin:
-        from .testing import build_tiny_tokenizer
+        from .testing import build_tiny_tokenizer_for
 
-        return build_tiny_tokenizer()
+        return build_tiny_tokenizer_for(model.builtin_size)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model.tokenizer or model.name_or_path, revision=model.revision,

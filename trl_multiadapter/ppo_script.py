@@ -87,10 +87,10 @@ def run_flat_ppo(config_path: str | os.PathLike, output_dir: str | None = None) 
 
     args, script = parse_flat_config(config_path, output_dir)
     if script.model_name_or_path.startswith(BUILTIN_MODEL_PREFIX):
-        from .testing import build_tiny_model, build_tiny_tokenizer
+        from .testing import build_tiny_model, build_tiny_tokenizer_for
 
-        base = build_tiny_model(script.model_name_or_path[len(BUILTIN_MODEL_PREFIX):])
-        tokenizer = build_tiny_tokenizer()
+        size = script.model_name_or_path[len(BUILTIN_MODEL_PREFIX):]
+        base, tokenizer = build_tiny_model(size), build_tiny_tokenizer_for(size)
     else:
         base = script.model_name_or_path
         tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)

@@ -4,7 +4,7 @@ Nothing here downloads anything. See ``build_tiny_tokenizer``, ``build_tiny_mode
 ``write_tiny_hh_rlhf`` and ``write_tiny_squad``.
 """
 
-from .models import MODEL_SIZES, build_tiny_model, tiny_llama_config
+from .models import MODEL_SIZES, build_tiny_model, build_tiny_tokenizer_for, tiny_llama_config
 from .synthetic import write_tiny_hh_rlhf, write_tiny_squad
 from .tokenizer import (
     BENCHMARK_VOCAB_SIZE,
@@ -28,6 +28,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "build_tiny_model",
     "build_tiny_tokenizer",
+    "build_tiny_tokenizer_for",
     "tiny_llama_config",
     "write_tiny_hh_rlhf",
     "write_tiny_squad",

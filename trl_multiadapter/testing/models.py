@@ -77,3 +77,12 @@ def build_tiny_model(size: str = "tiny", task: str = "causal", seed: int = 0, vo
         model.generation_config.eos_token_id = [EOT_TOKEN_ID, EOS_TOKEN_ID]
         model.generation_config.bos_token_id = BOS_TOKEN_ID
     return model.eval()
+
+
+def build_tiny_tokenizer_for(size: str = "tiny"):
+    """The tiny tokenizer whose vocabulary matches ``build_tiny_model(size)`` (1024 tiny, 8000 small/medium)."""
+    from .tokenizer import build_tiny_tokenizer
+
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+    return build_tiny_tokenizer(MODEL_SIZES[size].vocab_size)
