@@ -745,7 +745,7 @@ class MultiAdapterPPOTrainer(Trainer):
         scores = self._score(rollout, columns)
         ref_logprobs, _ = self._reference_logprobs(rollout)
         mask = rollout.response_mask.bool()
-        kl = torch.where(mask, rollout.logprobs - ref_logprobs, 0.0).sum(1)
+        kl = torch.where(mask, ppo_math.kl_penalty(rollout.logprobs, ref_logprobs, "k1"), 0.0).sum(1)
         return torch.stack([
             scores.double().sum(), kl.double().sum(), mask.sum().double(),
             rollout.stopped.double().sum(), torch.tensor(float(rollout.batch_size), dtype=torch.float64),
