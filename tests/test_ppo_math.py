@@ -537,3 +537,20 @@ def test_first_true_and_last_token_indices():
     bools = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 1]])
     assert pm.first_true_indices(bools).tolist() == [1, 4, 0]
     assert pm.last_token_indices(bools).tolist() == [2, -1, 3]
+
+
+def test_sequence_kl_sums_the_per_token_estimate_inside_the_mask():
+    torch.manual_seed(0)
+    logits, ref_logits = torch.randn(3, 4, 7), torch.randn(3, 4, 7)
+    labels = torch.randint(0, 7, (3, 4))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    logp = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+    ref_logp = torch.log_softmax(ref_logits, -1).gather(-1, labels[..., None])[..., 0]
+    sampled = pm.sequence_kl(logp, ref_logp, mask, "k1")
+    full = pm.sequence_kl(logp, ref_logp, mask, "full", logits=logits, ref_logits=ref_logits)
+    for row in range(3):
+        expected_k1 = sum(float(logp[row, t] - ref_logp[row, t]) for t in range(4) if mask[row, t])
+        p, q = torch.softmax(logits[row], -1), torch.softmax(ref_logits[row], -1)
+        expected_full = sum(float((p[t] * (p[t].log() - q[t].log())).sum()) for t in range(4) if mask[row, t])
+        assert sampled[row].item() == pytest.approx(expected_k1, abs=1e-5)
+        assert full[row].item() == pytest.approx(expected_full, abs=1e-5)

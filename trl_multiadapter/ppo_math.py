@@ -232,6 +232,24 @@ def kl_penalty(
     return estimate(logprob - ref_logprob)
 
 
+def sequence_kl(
+    logprob: torch.Tensor,
+    ref_logprob: torch.Tensor,
+    response_mask: torch.Tensor,
+    estimator: str = "k1",
+    logits: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(π ‖ π_ref) of each response: Σ_t mask_t · KL_t with KL_t from :func:`kl_penalty`.
+
+    With ``estimator="k1"`` this is the sampled (Monte Carlo) estimate, Σ_t log π − log π_ref over the
+    sampled tokens; with ``"full"`` the exact per-position vocabulary KL, summed over the response.
+    logprob, ref_logprob, response_mask (B, T); logits, ref_logits (B, T, V) for "full" -> (B,).
+    """
+    kl = kl_penalty(logprob, ref_logprob, estimator, logits=logits, ref_logits=ref_logits)
+    return torch.where(response_mask.bool(), kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum(dim=1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rewards
 # ---------------------------------------------------------------------------------------------------
