@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForSequenceClassification, TrainerCallback
 
 from trl_multiadapter import MultiAdapterModel, MultiAdapterPPOConfig, MultiAdapterPPOTrainer, ppo_math
-from trl_multiadapter.checkpointing import complete_checkpoints
+from trl_multiadapter.checkpointing import ResumeState, complete_checkpoints
 from trl_multiadapter.ppo_trainer import NonFiniteValueError
 from trl_multiadapter.rollout import SamplingSettings, left_pad, sample_rollout
 from trl_multiadapter.testing import build_tiny_model, tiny_llama_config
@@ -177,16 +177,18 @@ def test_scores_are_read_at_the_stop_token(tmp_path, tiny_tokenizer, tiny_model_
     equal a merged seq-cls model on prompt + response up to and including the stop token, unpadded."""
     adapter = write_reward_adapter(tmp_path / "reward", tiny_model_dir)
     model = policy_model(reward_adapter=adapter)
-    trainer = make_trainer(tmp_path / "run", tiny_tokenizer, model=model, reward_funcs=None, max_steps=1, batch_size=8)
+    # end_of_turn_token=None: score the responses exactly as sampled (the training-format rewrite has its own test)
+    trainer = make_trainer(tmp_path / "run", tiny_tokenizer, model=model, reward_funcs=None, max_steps=1, batch_size=8,
+                           end_of_turn_token=None)
     trainer.stop_token_ids = tuple(range(6, 300))
     captured = {}
-    score = trainer._score
+    score = trainer.reward_source
 
     def capture(rollout, columns):
         captured["rollout"], captured["scores"] = rollout, score(rollout, columns)
         return captured["scores"]
 
-    trainer._score = capture
+    trainer.reward_source = capture
     trainer.train()
     rollout, reference = captured["rollout"], merged_reward_model(adapter)
     lengths = rollout.response_mask.sum(1).tolist()
@@ -230,7 +232,7 @@ def test_ratio_is_one_on_the_first_minibatch(tmp_path, tiny_tokenizer, monkeypat
 def test_gradient_clipping_applies_on_every_optimizer_step(tmp_path, tiny_tokenizer):
     trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=2, batch_size=4, mini_batch_size=1,
                            gradient_accumulation_steps=2, ppo_epochs=2, max_grad_norm=1e-3)
-    trainer._ensure_optimizer(2)
+    trainer.create_optimizer_and_scheduler(2)
     norms = []
     step = trainer.optimizer.step
 
@@ -250,15 +252,13 @@ def test_gradient_clipping_applies_on_every_optimizer_step(tmp_path, tiny_tokeni
 def test_a_ratio_blow_up_skips_the_step_and_leaves_the_weights(tmp_path, tiny_tokenizer):
     trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=1, ratio_threshold=10.0, gradient_accumulation_steps=2,
                            mini_batch_size=1)
-    generate = trainer._generate
-
-    def stale_rollout(query_ids, query_mask):
-        rollout = generate(query_ids, query_mask)
+    def stale_rollout(*args):
+        rollout = sample_rollout(*args)
         rollout.logprobs = torch.where(rollout.response_mask.bool(), rollout.logprobs - 5.0, 0.0)  # ratio e^5
         return rollout
 
-    trainer._generate = stale_rollout
-    trainer._ensure_optimizer(1)
+    trainer.sampler = stale_rollout
+    trainer.create_optimizer_and_scheduler(1)
     steps = []
     trainer.optimizer.step = lambda *args, **kwargs: steps.append(1)
     before = trainable_snapshot(trainer.model)
@@ -278,14 +278,12 @@ def test_non_finite_values_stop_with_a_diagnostic_and_no_update(tmp_path, tiny_t
     math_nan = float("nan")
     trainer = make_trainer(tmp_path, tiny_tokenizer, reward_funcs=[reward], max_steps=1)
     if where == "logprobs":
-        generate = trainer._generate
-
-        def corrupt(query_ids, query_mask):
-            rollout = generate(query_ids, query_mask)
+        def corrupt(*args):
+            rollout = sample_rollout(*args)
             rollout.logprobs[1, 0] = float("inf")
             return rollout
 
-        trainer._generate = corrupt
+        trainer.sampler = corrupt
     before = trainable_snapshot(trainer.model)
     with pytest.raises(NonFiniteValueError) as error:
         trainer.train()
@@ -381,10 +379,9 @@ def test_full_kl_is_the_vocabulary_kl_between_policy_and_base(tmp_path, tiny_tok
     trainer = make_trainer(tmp_path, tiny_tokenizer, model=model, max_steps=1, kl_estimator="full", temperature=0.8,
                            rollout_logprobs=rollout_logprobs)
     expected = []
-    generate = trainer._generate
 
-    def with_independent_kl(query_ids, query_mask):
-        rollout = generate(query_ids, query_mask)
+    def with_independent_kl(*args):
+        rollout = sample_rollout(*args)
         for row in range(rollout.batch_size):
             prompt = rollout.query_ids[row][rollout.query_mask[row].bool()].tolist()
             response = rollout.response_ids[row][rollout.response_mask[row].bool()].tolist()
@@ -395,7 +392,7 @@ def test_full_kl_is_the_vocabulary_kl_between_policy_and_base(tmp_path, tiny_tok
             expected.append((policy.exp() * (policy - reference)).sum().item())
         return rollout
 
-    trainer._generate = with_independent_kl
+    trainer.sampler = with_independent_kl
     trainer.train()
     assert metric(trainer, "objective/kl")[0] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
     assert sum(expected) > 0
@@ -411,14 +408,13 @@ def test_conversational_prompts_use_the_chat_template(tmp_path, tiny_tokenizer):
 
     dataset = Dataset.from_dict({"prompt": messages, "topic": [f"t{i}" for i in range(8)]})
     trainer = make_trainer(tmp_path, tiny_tokenizer, reward_funcs=[reward], dataset=dataset, max_steps=1)
-    generate = trainer._generate
     queries = []
 
-    def record(query_ids, query_mask):
+    def record(model, query_ids, query_mask, settings):
         queries.append([row[mask.bool()].tolist() for row, mask in zip(query_ids, query_mask)])
-        return generate(query_ids, query_mask)
+        return sample_rollout(model, query_ids, query_mask, settings)
 
-    trainer._generate = record
+    trainer.sampler = record
     trainer.train()
     prompts, completions, topics = seen[0]
     for prompt, query, topic in zip(prompts, queries[0], topics):
@@ -477,10 +473,11 @@ def test_legacy_two_label_reward_head(tmp_path, tiny_tokenizer, tiny_reward_adap
     two_label = MultiAdapterModel.from_pretrained(base, reward_adapter=legacy, reward_label_index=1,
                                                   policy_config=policy_lora())
     trainer = make_trainer(tmp_path / "run", tiny_tokenizer, model=two_label, reward_funcs=None, max_steps=15,
-                           batch_size=8, max_new_tokens=12, init_kl_coef=0.01, learning_rate=5e-3)
+                           batch_size=8, max_new_tokens=12, init_kl_coef=0.01, learning_rate=5e-3,
+                           end_of_turn_token=None)
     captured = []
-    score = trainer._score
-    trainer._score = lambda rollout, columns: captured.append((rollout, score(rollout, columns))) or captured[-1][1]
+    score = trainer.reward_source
+    trainer.reward_source = lambda rollout, columns: captured.append((rollout, score(rollout, columns))) or captured[-1][1]
     trainer.train()
     rollout, scores = captured[0]
     assert torch.allclose(scores, one_label.score(rollout.input_ids, rollout.attention_mask), atol=1e-5)
@@ -513,17 +510,17 @@ def test_resume_continues_bitwise_like_an_uninterrupted_run(tmp_path, tiny_token
     assert not list((tmp_path / "killed").glob(".tmp-*"))
 
 
-def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer):
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer, monkeypatch):
     trainer = make_trainer(tmp_path, tiny_tokenizer, max_steps=2, save_strategy="steps", save_steps=1)
-    write = trainer._write_checkpoint
+    write = ResumeState.save
 
-    def crash_on_second(folder):
+    def crash_on_second(state, folder, *args):
         if trainer.state.global_step == 2:
             (folder / "partial.bin").write_bytes(b"x")
             raise OSError("disk full")
-        write(folder)
+        write(state, folder, *args)
 
-    trainer._write_checkpoint = crash_on_second
+    monkeypatch.setattr(ResumeState, "save", crash_on_second)
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
     assert [path.name for path in complete_checkpoints(tmp_path)] == ["checkpoint-1"]
@@ -568,13 +565,15 @@ def test_evaluate_reports_score_kl_and_length_without_touching_training_randomne
     assert metrics["eval_response_length"] == pytest.approx(sum(lengths) / 7)
     # A fresh LoRA equals the reference; sampling-time logprobs (KV cache) differ from the reference's full
     # forward by float32 rounding only.
-    assert abs(metrics["eval_kl"]) <= 1e-5
+    assert abs(metrics["eval_kl_k1"]) <= 1e-5
     assert trainer.state.log_history[-1]["eval_score"] == metrics["eval_score"]
 
 
 def test_step_api_generate_and_log_stats_follow_trl_0_11(tmp_path, tiny_tokenizer):
-    trainer = MultiAdapterPPOTrainer(model=policy_model(), args=make_config(tmp_path, batch_size=4),
-                                     processing_class=tiny_tokenizer, train_dataset=prompt_dataset(8))
+    from trl_multiadapter import trl011
+
+    trainer = trl011.PPOTrainer(config=make_config(tmp_path, batch_size=4), model=policy_model(),
+                                tokenizer=tiny_tokenizer, dataset=prompt_dataset(8))
     for batch in trainer.dataloader:
         queries = batch["input_ids"]
         responses = trainer.generate(queries, return_prompt=False, max_new_tokens=6, do_sample=True, top_k=0.0,

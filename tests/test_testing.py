@@ -358,3 +358,16 @@ def test_tokenizer_for_a_size_covers_exactly_that_models_vocabulary(size):
     assert max(tokenizer.get_vocab().values()) == vocab_size - 1
     with pytest.raises(ValueError, match="unknown size 'huge'"):
         build_tiny_tokenizer_for("huge")
+
+
+@pytest.mark.parametrize("answer", ["Feed it flour, thank you.", "no", "Line one.\n\nLine two", " leading space"])
+def test_generation_prompt_plus_answer_tokens_equal_the_rendered_conversation(answer):
+    """As with the real Llama-3 tokenizer: PPO's prompt ids + response ids are exactly the ids the reward
+    adapter was trained on (the conversation rendered by the template and tokenized whole)."""
+    tokenizer = build_tiny_tokenizer()
+    question = [{"role": "user", "content": "What should I do?"}]
+    prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=True, return_dict=False)
+    text = tokenizer.apply_chat_template(question + [{"role": "assistant", "content": answer}], tokenize=False)
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    content = tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]  # the template strips content
+    assert whole == list(prompt) + content + [tokenizer.convert_tokens_to_ids("<|eot_id|>")]

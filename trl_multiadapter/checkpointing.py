@@ -12,10 +12,14 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from .devices import cuda_available
 
 CHECKPOINT_PREFIX = "checkpoint"
 TEMPORARY_PREFIX = ".tmp-"
@@ -100,7 +104,7 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep: int | None) -> None:
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
+    if cuda_available():
         state["cuda"] = torch.cuda.random.get_rng_state_all()
     return state
 
@@ -109,9 +113,133 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.random.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and cuda_available():
         torch.cuda.random.set_rng_state_all(state["cuda"])
 
 
 def rng_file(folder: Path, process_index: int) -> Path:
     return Path(folder) / f"rng_state_{process_index}.pth"
+
+
+# ---------------------------------------------------------------------------------------------------
+# PPO resume state
+
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+PPO_STATE_FILE = "ppo_state.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class ResumeState:
+    """Everything a PPO run needs to continue as if it had never stopped.
+
+    ``trainable`` holds the policy adapter and value head (or critic) by parameter name; the frozen base
+    and reward adapter are not saved (they never change). ``rng`` is this process's RNG state; the rest
+    is the same on every process and written by the main one.
+    """
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict | None
+    kl_controller: dict
+    score_moments: dict
+    sampler: dict | None
+    num_processes: int
+    trainer_state: Any  # transformers.TrainerState: global_step, epoch, log_history
+    rng: dict
+
+    @classmethod
+    def capture(cls, trainer) -> ResumeState:
+        """The state of a ``MultiAdapterPPOTrainer`` now (tensors copied to the CPU)."""
+        names = _parameter_names(trainer.model)
+        return cls(
+            trainable={names[id(p)]: p.detach().cpu().contiguous() for p in trainer.model.trainable_parameters()},
+            optimizer=trainer.optimizer.state_dict(),
+            scheduler=trainer.lr_scheduler.state_dict() if trainer.lr_scheduler is not None else None,
+            kl_controller=trainer.kl_ctl.state_dict(),
+            score_moments=trainer.score_moments.state_dict(),
+            sampler=trainer._prompt_order.state_dict() if trainer._prompt_order is not None else None,
+            num_processes=trainer.num_processes,
+            trainer_state=trainer.state,
+            rng=rng_state(),
+        )
+
+    def restore(self, trainer) -> None:
+        """Put this state back into ``trainer`` (its optimizer and scheduler must exist)."""
+        names = _parameter_names(trainer.model)
+        with torch.no_grad():
+            for parameter in trainer.model.trainable_parameters():
+                name = names[id(parameter)]
+                if name not in self.trainable:
+                    raise ValueError(f"the checkpoint has no tensor {name!r}; was it written by this model?")
+                parameter.copy_(self.trainable[name])
+        trainer.optimizer.load_state_dict(self.optimizer)
+        if trainer.lr_scheduler is not None and self.scheduler is not None:
+            trainer.lr_scheduler.load_state_dict(self.scheduler)
+        trainer.kl_ctl.load_state_dict(self.kl_controller)
+        trainer.score_moments.load_state_dict(self.score_moments)
+        if self.sampler is not None and trainer._prompt_order is not None:
+            trainer._prompt_order.load_state_dict(self.sampler)
+        trainer.state.global_step = self.trainer_state.global_step
+        trainer.state.epoch = self.trainer_state.epoch
+        trainer.state.log_history = self.trainer_state.log_history
+        set_rng_state(self.rng)
+
+    def save(self, folder: Path, process_index: int, is_main_process: bool) -> None:
+        from safetensors.torch import save_file
+
+        torch.save(self.rng, rng_file(folder, process_index))
+        if not is_main_process:
+            return
+        save_file(self.trainable, str(folder / TRAINABLE_FILE), metadata={"format": "pt"})
+        torch.save(self.optimizer, folder / OPTIMIZER_FILE)
+        if self.scheduler is not None:
+            torch.save(self.scheduler, folder / SCHEDULER_FILE)
+        torch.save({"kl_controller": self.kl_controller, "score_moments": self.score_moments,
+                    "sampler": self.sampler, "num_processes": self.num_processes}, folder / PPO_STATE_FILE)
+        self.trainer_state.save_to_json(str(folder / TRAINER_STATE_FILE))
+
+    @classmethod
+    def load(cls, folder: Path, process_index: int, num_processes: int) -> ResumeState:
+        from safetensors.torch import load_file
+        from transformers import TrainerState
+
+        ppo_state = torch.load(folder / PPO_STATE_FILE, weights_only=False)
+        if ppo_state["num_processes"] != num_processes:
+            raise ValueError(
+                f"{folder} was written by {ppo_state['num_processes']} processes; resume with the same number "
+                f"(this run has {num_processes}) so every rank gets its prompts and RNG state back"
+            )
+        scheduler_file = folder / SCHEDULER_FILE
+        return cls(
+            trainable=load_file(str(folder / TRAINABLE_FILE)),
+            optimizer=torch.load(folder / OPTIMIZER_FILE, weights_only=False),
+            scheduler=torch.load(scheduler_file, weights_only=False) if scheduler_file.is_file() else None,
+            kl_controller=ppo_state["kl_controller"],
+            score_moments=ppo_state["score_moments"],
+            sampler=ppo_state["sampler"],
+            num_processes=num_processes,
+            trainer_state=TrainerState.load_from_json(str(folder / TRAINER_STATE_FILE)),
+            rng=torch.load(rng_file(folder, process_index), weights_only=False),
+        )
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: bool | str | None) -> Path | None:
+    """The checkpoint ``train(resume_from_checkpoint=...)`` means: None/False none, True the latest, or a path."""
+    if resume_from_checkpoint in (None, False):
+        return None
+    if resume_from_checkpoint is True:
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise ValueError(f"resume_from_checkpoint=True but {output_dir} has no complete checkpoint-* folder")
+        return found
+    path = Path(resume_from_checkpoint)
+    if not (path / PPO_STATE_FILE).is_file():
+        raise ValueError(f"{path} is not a complete PPO checkpoint (no {PPO_STATE_FILE}); pass a checkpoint-* folder")
+    return path
+
+
+def _parameter_names(model) -> dict[int, str]:
+    return {id(parameter): name for name, parameter in model.named_parameters()}

@@ -66,6 +66,7 @@ from .model_io import (
 )
 from .model_quant import KBIT_CPU_TRAINING_ERROR, is_kbit_model, kbit_weights_on_cpu
 from .ppo_math import last_token_indices
+from .roles import REFERENCE_MODES, VALUE_MODELS
 
 POLICY_ADAPTER = "policy"
 REWARD_ADAPTER = "reward"
@@ -73,8 +74,6 @@ CRITIC_ADAPTER = "critic"
 POLICY_INIT_ADAPTER = "policy_init"
 
 ROLES = ("policy", "critic", "reward", "reference")
-VALUE_MODELS = ("head", "critic")
-REFERENCE_MODES = ("base", "policy_init")
 CRITIC_INITS = (None, "reward")
 
 

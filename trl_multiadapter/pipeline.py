@@ -472,63 +472,29 @@ LOG_HISTORY_FILE = "log_history.json"
 
 
 def ppo_config_for(context: StageContext):
-    """The MultiAdapterPPOConfig of this run: the recipe's ppo section, checkpoints under the stage folder."""
-    import torch
-
+    """The MultiAdapterPPOConfig of this run: the recipe's ppo section, checkpoints under the stage folder, and
+    the model's load options (dtype, 4-bit, this process's device) for the trainer's one model builder."""
+    from .devices import process_device_map, use_cpu
     from .recipe import build_ppo_config
 
-    ppo = context.recipe.ppo
-    overrides: dict[str, Any] = {"policy_adapter": None}  # the stage builds the model with it
-    if not torch.cuda.is_available():
-        overrides["use_cpu"] = True  # also what makes accelerate form a gloo group for CPU data parallelism
-    config = build_ppo_config(ppo, output_dir=context.stage_dir, **overrides)
-    return config
-
-
-def build_policy_model(context: StageContext):
-    """Base + fresh policy LoRA + value head + the reward adapter, placed on this process's device."""
-    from .model import MultiAdapterModel
-    from .recipe import ppo_lora_config
-
     recipe = context.recipe
-    ppo = recipe.ppo
-    return MultiAdapterModel.from_pretrained(
-        base_model_path(context),
-        policy_config=None if ppo.policy_adapter else ppo_lora_config(ppo),
-        policy_adapter=ppo.policy_adapter,
-        reward_adapter=str(context.path("reward")),
-        reward_label_index=ppo.reward_label_index,
-        value_model=ppo.value_model or "head",
-        critic_init=ppo.critic_init,
-        reference=ppo.reference or "base",
-        quantization_config=recipe.quantization.bitsandbytes_config(),
-        dtype=recipe.model.dtype,
-        gradient_checkpointing=uses_activation_checkpointing(ppo),
-        **_device_map(recipe),
-    )
-
-
-def uses_activation_checkpointing(ppo: Any) -> bool:
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name still works).
-    return bool(getattr(ppo, "activation_checkpointing", False) or getattr(ppo, "gradient_checkpointing", False))
+    quantization = recipe.quantization.bitsandbytes_config()
+    model_init_kwargs = {"dtype": recipe.model.dtype, **process_device_map()}
+    if quantization is not None:
+        model_init_kwargs["quantization_config"] = quantization.to_dict()  # JSON-friendly, as ppo_config.json keeps it
+    return build_ppo_config(recipe.ppo, output_dir=context.stage_dir, model_init_kwargs=model_init_kwargs,
+                            **({"use_cpu": True} if use_cpu() else {}))
 
 
 def _device_map(recipe: Recipe) -> dict[str, Any]:
-    import torch
+    from .devices import process_device_map
 
-    if not torch.cuda.is_available():
-        return {}
-    from accelerate import PartialState
-
-    # Each data-parallel process holds the whole (quantized) model on its own GPU.
-    return {"device_map": {"": PartialState().local_process_index}}
+    return process_device_map()
 
 
 @register_stage("ppo")
 def ppo_stage(context: StageContext) -> StageResult:
     """Train the policy adapter + value head with PPO; checkpoints under ppo/, resumed after a kill."""
-    from transformers import set_seed
-
     from .checkpointing import latest_checkpoint
     from .ppo_trainer import MultiAdapterPPOTrainer
 
@@ -537,16 +503,19 @@ def ppo_stage(context: StageContext) -> StageResult:
         raise StageFailedError("the ppo stage needs the data stage's prompts; run the 'data' stage.")
     if not (context.path("reward") / STAGE_MARKER).is_file() and not (context.path("reward") / "_COMPLETE").is_file():
         raise StageFailedError("the ppo stage needs a finished reward adapter; run the 'reward' stage.")
+    from .recipe import ppo_lora_config
+
     args = ppo_config_for(context)
-    # The policy LoRA's initial weights come from the global RNG: seed it here, so the stage gives the same
-    # result whether or not earlier stages ran in this process (a resumed run skips them).
-    set_seed(args.seed)
+    # The trainer builds base + policy LoRA + value head + reward adapter (seeded by args.seed, so a resumed
+    # run that skipped the earlier stages starts from the same weights).
     trainer = MultiAdapterPPOTrainer(
-        model=build_policy_model(context),
+        model=base_model_path(context),
         args=args,
         processing_class=load_tokenizer(context),
         train_dataset=prompts,
+        reward_adapter=str(context.path("reward")),
         reward_funcs=_reward_functions(context),
+        peft_config=None if args.policy_adapter else ppo_lora_config(context.recipe.ppo),
     )
     checkpoint = latest_checkpoint(context.stage_dir)
     if checkpoint is not None:

@@ -10,15 +10,16 @@ already has (``learning_rate``, ``max_grad_norm``, ``gradient_accumulation_steps
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 
+from .roles import REFERENCE_MODES, VALUE_MODELS
+
 # Accepted by ppo_math.kl_penalty (aliases included); kept here so the config needs no torch import.
 KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "full")
-VALUE_MODELS = ("head", "critic")
-REFERENCE_MODES = ("base", "policy_init")
 ROLLOUT_LOGPROB_SOURCES = ("generation", "forward")
 
 
@@ -41,7 +42,6 @@ class MultiAdapterPPOConfig(TrainingArguments):
     logging_steps: float = field(
         default=1, metadata={"help": "Log metrics every this many PPO iterations (a float < 1 is a ratio of max_steps)."}
     )
-    use_cache: bool = field(default=True, metadata={"help": "Use the KV cache while sampling responses."})
     lr_scheduler_type: str = field(
         default="constant",
         metadata={
@@ -130,13 +130,24 @@ class MultiAdapterPPOConfig(TrainingArguments):
         },
     )
 
+    end_of_turn_token: str | None = field(
+        default="auto",
+        metadata={
+            "help": "How a stopped response is scored by the reward adapter: its stop token is replaced by the "
+            "tokens that end an assistant turn in the reward's training format. 'auto' reads them from the "
+            "tokenizer's chat template (e.g. <|eot_id|> for Llama 3); a token string names one; None scores "
+            "responses exactly as sampled."
+        },
+    )
+
     # ---- logprobs ---------------------------------------------------------------------------------------
     rollout_logprobs: str = field(
         default="generation",
         metadata={
-            "help": "'generation': take old logprobs and values from the sampling pass (fast; the first "
-            "ratio is 1 within float32 rounding, ~1e-6). 'forward': recompute them with a no-grad training "
-            "forward over the first epoch's mini-batches (one more forward; the first ratio is exactly 1)."
+            "help": "'generation': take old logprobs and values from the sampling pass (fast; the KV-cache "
+            "pass and the training forward differ by float32 rounding, so the first ratio is 1 +- 1e-7 and the "
+            "KL at policy = reference ~1e-7). 'forward': recompute them with a no-grad training forward over "
+            "the first epoch's mini-batches (one more forward; the first ratio is exactly 1, that KL exactly 0)."
         },
     )
 
@@ -174,6 +185,13 @@ class MultiAdapterPPOConfig(TrainingArguments):
 
     def __post_init__(self):
         self._validate_ppo_fields()
+        if self.fp16:
+            # PPO's backward and optimizer step run outside accelerate's GradScaler, so fp16 gradients could
+            # underflow silently. bf16 needs no loss scaling.
+            raise ValueError(
+                "`fp16=True` is not supported: PPO's updates run without a loss scaler, so fp16 gradients can "
+                "underflow silently. Use bf16=True (A10G, A100, H100, L4 support it) or float32."
+            )
         super().__post_init__()
 
     @property
@@ -231,7 +249,7 @@ class MultiAdapterPPOConfig(TrainingArguments):
             )
         if self.critic_init is not None and self.value_model == "head":
             raise ValueError("`critic_init` only applies with `value_model='critic'`.")
-        if self.reward_weights is not None and any(w != w for w in self.reward_weights):
+        if self.reward_weights is not None and any(math.isnan(w) for w in self.reward_weights):
             raise ValueError("`reward_weights` contains NaN.")
 
 

@@ -48,13 +48,13 @@ class PPOScriptArguments:
 
 def parse_flat_config(config_path: str | os.PathLike, output_dir: str | None = None):
     """(MultiAdapterPPOConfig, PPOScriptArguments) from a flat YAML file, TRL's way."""
-    import torch
     from trl import TrlParser
 
+    from .devices import use_cpu
     from .ppo_config import MultiAdapterPPOConfig
 
     argv = ["--config", str(config_path)] + (["--output_dir", output_dir] if output_dir else [])
-    if not torch.cuda.is_available():
+    if use_cpu():
         argv += ["--use_cpu", "true"]  # also what lets accelerate form a gloo group for CPU data parallelism
     args, script_args = TrlParser((MultiAdapterPPOConfig, PPOScriptArguments)).parse_args_and_config(argv)
     for name in ("model_name_or_path", "dataset_name"):
@@ -78,29 +78,17 @@ def load_prompts(name: str, split: str):
 def run_flat_ppo(config_path: str | os.PathLike, output_dir: str | None = None) -> Path:
     """Train the policy adapter with a flat config; returns the folder of the final adapters."""
     from peft import LoraConfig, TaskType
-    from transformers import AutoTokenizer, set_seed
 
     from .checkpointing import latest_checkpoint
-    from .model import MultiAdapterModel
     from .ppo_trainer import MultiAdapterPPOTrainer
-    from .recipe import BUILTIN_MODEL_PREFIX
 
     args, script = parse_flat_config(config_path, output_dir)
-    if script.model_name_or_path.startswith(BUILTIN_MODEL_PREFIX):
-        from .testing import build_tiny_model, build_tiny_tokenizer_for
-
-        size = script.model_name_or_path[len(BUILTIN_MODEL_PREFIX):]
-        base, tokenizer = build_tiny_model(size), build_tiny_tokenizer_for(size)
-    else:
-        base = script.model_name_or_path
-        tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
-    set_seed(args.seed)
+    args.model_init_kwargs = {"dtype": script.dtype, **(args.model_init_kwargs or {})}
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=script.lora_r, lora_alpha=script.lora_alpha,
                       lora_dropout=script.lora_dropout, target_modules=script.lora_target_modules or "all-linear")
-    model = MultiAdapterModel.from_pretrained(base, policy_config=lora, reward_adapter=script.reward_adapter,
-                                              value_model=args.value_model or "head",
-                                              reference=args.reference or "base", dtype=script.dtype)
-    trainer = MultiAdapterPPOTrainer(model=model, args=args, processing_class=tokenizer,
+    # The trainer's one builder resolves ids, folders and builtin: names, seeded by args.seed.
+    trainer = MultiAdapterPPOTrainer(model=script.model_name_or_path, args=args, reward_adapter=script.reward_adapter,
+                                     peft_config=None if args.policy_adapter else lora,
                                      train_dataset=load_prompts(script.dataset_name, script.dataset_split))
     checkpoint = latest_checkpoint(args.output_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -56,6 +56,13 @@ class Rollout:
     logprobs: torch.Tensor | None = None  # (B, R) float32, log pi_old(a_j | s_j) at the sampling temperature
     values: torch.Tensor | None = None  # (B, R) float32, V_old(s_j)
     logits: torch.Tensor | None = None  # (B, R, V) float32 raw policy logits (full KL only)
+    # (B, R) long, 1 on the response tokens that train (rewards, KL, losses); default: response_mask.
+    # step(response_masks=...) narrows it; attention always covers every response token.
+    loss_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = self.response_mask
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -86,6 +93,11 @@ class TrainingBatch:
     old_values: torch.Tensor  # (B, R)
     advantages: torch.Tensor  # (B, R)
     returns: torch.Tensor  # (B, R)
+    loss_mask: torch.Tensor | None = None  # (B, R) positions that train; default: response_mask
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is None:
+            self.loss_mask = self.response_mask
 
     @property
     def batch_size(self) -> int:
@@ -317,3 +329,50 @@ class PromptSampler:
                 f"{self.num_prompts}; resume with the same dataset"
             )
         self.epoch, self.batch_index = int(state["epoch"]), int(state["batch_index"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# where responses end
+
+
+def stop_token_ids(tokenizer, model, stop_token: str | None = "eos") -> tuple[int, ...]:
+    """Token ids that end a response: ``'eos'`` = the tokenizer's EOS and the model's ``eos_token_id``(s)
+    (its generation config first); a token string = that token; None = none (fixed-length responses)."""
+    if stop_token is None:
+        return ()
+    if stop_token == "eos":
+        ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        causal_lm = model.peft_model.get_base_model() if hasattr(model, "peft_model") else model
+        configured = getattr(getattr(causal_lm, "generation_config", None), "eos_token_id", None)
+        if configured is None:
+            configured = getattr(getattr(causal_lm, "config", None), "eos_token_id", None)
+        ids |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+        if not ids:
+            raise ValueError("stop_token='eos' but neither the tokenizer nor the model defines an EOS token")
+        return tuple(sorted(ids))
+    token_id = tokenizer.convert_tokens_to_ids(stop_token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"stop_token={stop_token!r} is not a token of the tokenizer; use 'eos' or an existing token")
+    return (token_id,)
+
+
+def rollout_from_tensors(queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
+                         response_masks: Sequence[torch.Tensor] | None, pad_token_id: int,
+                         stop_token_ids: Sequence[int], device) -> Rollout:
+    """A Rollout of given 1-D prompt and response tensors (TRL 0.11's ``step`` inputs).
+
+    ``response_masks`` (optional 1-D 0/1 per response) narrow the ``loss_mask`` only, as TRL 0.11 did: the
+    masked tokens stay in the sequence the model attends to.
+    """
+    if len(queries) != len(responses):
+        raise ValueError(f"got {len(queries)} queries but {len(responses)} responses; give one response per query")
+    query_ids, query_mask = left_pad(queries, pad_token_id, device)
+    response_ids, response_mask = right_pad(responses, pad_token_id, device)
+    loss_mask = response_mask
+    if response_masks is not None:
+        given, _ = right_pad(response_masks, 0, device)
+        loss_mask = response_mask * given
+    stopped = torch.zeros(len(queries), dtype=torch.bool, device=device)
+    if stop_token_ids:
+        stopped = ppo_math.contains_stop_token(torch.where(response_mask.bool(), response_ids, -1), stop_token_ids)
+    return Rollout(query_ids, query_mask, response_ids, response_mask, stopped, loss_mask=loss_mask)

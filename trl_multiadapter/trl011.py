@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
+from .devices import use_cpu
 from .model import MultiAdapterModel
 from .ppo_config import MultiAdapterPPOConfig
 from .ppo_trainer import MultiAdapterPPOTrainer
+from .prompts import encode_prompts, select_columns
+from .rollout import left_pad
 
 # TRL 0.11 PPOConfig fields with no counterpart here (tracking, hub, device-cache and dataset knobs).
 _IGNORED_FIELDS = {
@@ -42,7 +45,7 @@ def PPOConfig(**kwargs: Any) -> MultiAdapterPPOConfig:  # noqa: N802 - TRL 0.11'
     # TRL 0.11 wrote no checkpoints; a temporary folder keeps the working directory clean.
     output_dir = kwargs.pop("output_dir", None) or tempfile.mkdtemp(prefix="trl011-ppo-")
     settings: dict[str, Any] = {"output_dir": output_dir, "save_strategy": "no"}
-    if not torch.cuda.is_available():
+    if use_cpu():
         settings["use_cpu"] = True
     for name, value in kwargs.items():
         if name in _IGNORED_FIELDS:
@@ -112,3 +115,66 @@ class PPOTrainer(MultiAdapterPPOTrainer):
     @property
     def config(self) -> MultiAdapterPPOConfig:
         return self.args
+
+    # ------------------------------------------------------------------------------------------------
+    # TRL 0.11's loop helpers: dataloader / generate / log_stats
+
+    @property
+    def dataloader(self):
+        """One pass over this process's share of ``dataset`` in batches of ``batch_size``, as dicts of
+        columns plus ``input_ids`` (a list of 1-D prompt tensors) and ``query`` (the prompt text)."""
+        order = self._new_prompt_order()
+        for _ in range(order.batches_per_epoch):
+            columns = select_columns(self.train_dataset, order.next_batch())
+            ids = encode_prompts(self.processing_class, columns)
+            batch = {"query": self.processing_class.batch_decode(ids), **columns}
+            batch["input_ids"] = [torch.tensor(row, device=self.device) for row in ids]
+            yield batch
+
+    def generate(self, query_tensor, return_prompt: bool = True, **generation_kwargs):
+        """Sample responses like TRL 0.11's ``PPOTrainer.generate`` (cut after the first stop token).
+
+        query_tensor: a 1-D prompt tensor or a list of them. Returns the same structure: token tensors
+        of the response (``return_prompt=False``) or prompt + response. ``generation_kwargs`` may set
+        max_new_tokens, top_k, top_p and temperature (which must equal ``args.temperature``, the one used
+        in logprobs); other TRL 0.11 keys (do_sample, pad_token_id, min_length, eos_token_id) are accepted.
+        """
+        single = isinstance(query_tensor, torch.Tensor) and query_tensor.dim() == 1
+        queries = [query_tensor] if single else list(query_tensor)
+        overrides = _sampling_overrides(generation_kwargs, self.args.temperature)
+        rollout = self._generate(*left_pad(queries, self.pad_token_id, self.device), for_training=False, **overrides)
+        responses = [ids[mask.bool()] for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
+        outputs = [torch.cat([query, response]) if return_prompt else response for query, response in zip(queries, responses)]
+        return outputs[0].unsqueeze(0) if single else outputs
+
+    def log_stats(self, stats: dict[str, Any], batch=None, rewards=None, columns_to_log=None) -> None:
+        """Log the metrics returned by :meth:`step` (``batch``/``rewards`` are accepted and ignored)."""
+        self.log({key: float(value) for key, value in stats.items() if _is_number(value)})
+
+
+_IGNORED_GENERATION_KEYS = {"do_sample", "pad_token_id", "eos_token_id", "min_length", "use_cache", "batch_size"}
+_SAMPLING_KEYS = {"max_new_tokens", "top_k", "top_p", "temperature"}
+
+
+def _sampling_overrides(generation_kwargs: dict, temperature: float) -> dict:
+    unknown = set(generation_kwargs) - _IGNORED_GENERATION_KEYS - _SAMPLING_KEYS
+    if unknown:
+        raise ValueError(
+            f"generation options {sorted(unknown)} are not supported; use {sorted(_SAMPLING_KEYS)} "
+            "(set the defaults in PPOConfig)"
+        )
+    if generation_kwargs.get("do_sample") is False:
+        raise ValueError("PPO samples responses: do_sample=False is not supported")
+    if "temperature" in generation_kwargs and float(generation_kwargs["temperature"]) != temperature:
+        raise ValueError(
+            f"temperature={generation_kwargs['temperature']} differs from config.temperature={temperature}; logprobs "
+            "must use the sampling temperature, so set PPOConfig(temperature=...) instead"
+        )
+    overrides = {key: generation_kwargs[key] for key in ("max_new_tokens", "top_k", "top_p") if key in generation_kwargs}
+    if "top_k" in overrides:
+        overrides["top_k"] = int(overrides["top_k"])
+    return overrides
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)

@@ -22,6 +22,15 @@ EOS_TOKEN_ID = SPECIAL_TOKEN_IDS[EOS_TOKEN]
 EOT_TOKEN_ID = SPECIAL_TOKEN_IDS[EOT_TOKEN]
 PAD_TOKEN_ID = SPECIAL_TOKEN_IDS[PAD_TOKEN]
 
+# Llama-3's pre-tokenizer split: newlines form their own pieces ("\n\n" before a word stays one piece),
+# so a generation prompt ending in "<|end_header_id|>\n\n" plus answer tokens equals the tokenization of
+# the whole rendered conversation, as with the real Llama-3 tokenizer (GPT-2's split would cut "\n\n"
+# differently in the two and put the reward's training sequences out of step with PPO's).
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
 DEFAULT_VOCAB_SIZE = 1024
 BENCHMARK_VOCAB_SIZE = 8000
 _CORPUS_SEED = 1234
@@ -58,10 +67,13 @@ def _training_corpus(vocab_size: int) -> list[str]:
 
 @lru_cache(maxsize=8)
 def _tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -1,0 +1,110 @@
+"""PPO metrics under TRL's names, from a rollout and from the mini-batch losses of one iteration."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, fields
+
+import torch
+
+from .rollout import Rollout
+
+
+class NonFiniteValueError(FloatingPointError):
+    """A NaN or inf reached PPO; raised before any optimizer step could write it into the adapters.
+
+    ``rows`` are this process's rows (empty when another data-parallel process found them; None for a
+    value that belongs to no row, such as the gradient norm).
+    """
+
+    def __init__(self, step: int, name: str, rows: list[int] | None):
+        self.step, self.name, self.rows = step, name, rows
+        if rows is None:
+            where = "this optimizer step"
+        else:
+            where = f"rows {rows} of this batch" if rows else "the batch of another process"
+        super().__init__(
+            f"PPO step {step}: `{name}` has NaN/inf values in {where}; no adapter update was "
+            "made. Check the reward source (scores), the learning rate and max_grad_norm (logprobs, losses), or "
+            "the prompts of these rows."
+        )
+
+
+def nonfinite_rows(tensor: torch.Tensor, mask: torch.Tensor | None = None) -> list[int]:
+    """Rows of ``tensor`` (B, ...) holding NaN/inf (only inside ``mask`` when it has the same shape)."""
+    bad = ~torch.isfinite(tensor.detach())
+    if mask is not None and bad.shape == mask.shape:
+        bad &= mask.bool()
+    return bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+
+
+@dataclass
+class MinibatchResult:
+    """Loss and diagnostics of one mini-batch (scalars; ``loss`` keeps its graph)."""
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    policy_clipfrac: torch.Tensor
+    value_clipfrac: torch.Tensor
+    approxkl: torch.Tensor
+    entropy: torch.Tensor
+    ratio: torch.Tensor
+
+
+class OptimisationRecord:
+    """Collects the diagnostics of every mini-batch and optimizer step of one iteration."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = defaultdict(list)
+        self.skipped = 0
+        self.grad_norms: list[float] = []
+
+    def add_minibatch(self, result: MinibatchResult) -> None:
+        for f in fields(MinibatchResult):
+            if f.name != "loss":
+                self.values[f.name].append(getattr(result, f.name).item())
+
+    def add_step(self, grad_norm: float | None) -> None:
+        if grad_norm is not None:
+            self.grad_norms.append(grad_norm)
+
+    def stats(self) -> dict[str, float]:
+        values = self.values
+        return {
+            "policy/approxkl_avg": mean(values["approxkl"]),
+            "policy/clipfrac_avg": mean(values["policy_clipfrac"]),
+            "loss/policy_avg": mean(values["policy_loss"]),
+            "loss/value_avg": mean(values["value_loss"]),
+            "val/clipfrac_avg": mean(values["value_clipfrac"]),
+            "policy/entropy_avg": mean(values["entropy"]),
+            "val/ratio": mean(values["ratio"]),
+            "val/ratio_var": float(torch.tensor(values["ratio"], dtype=torch.float64).var(unbiased=False)),
+            "policy/first_ratio": values["ratio"][0],
+            "policy/skipped_minibatches": float(self.skipped),
+            "policy/optimizer_steps": float(len(self.grad_norms)),
+            "policy/grad_norm": mean(self.grad_norms) if self.grad_norms else 0.0,
+        }
+
+
+def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl: torch.Tensor, non_score_rewards: torch.Tensor,
+                  kl_coef: float) -> dict[str, float]:
+    """Per-sequence objective metrics: KL and non-score reward summed over the response, then averaged."""
+    mask = rollout.loss_mask.bool()
+    kl_per_sequence = torch.where(mask, kl, 0.0).sum(1)
+    non_score_per_sequence = torch.where(mask, non_score_rewards, 0.0).sum(1)
+    sampled_entropy = torch.where(mask, -rollout.logprobs, 0.0).sum(1)
+    return {
+        "objective/kl": kl_per_sequence.mean().item(),
+        "objective/entropy": sampled_entropy.mean().item(),
+        "objective/non_score_reward": non_score_per_sequence.mean().item(),
+        "objective/rlhf_reward": (scores + non_score_per_sequence).mean().item(),
+        "objective/scores": scores.mean().item(),
+        "objective/kl_coef": kl_coef,
+        "val/num_eos_tokens": rollout.stopped.sum().item(),
+        "val/response_length": rollout.response_mask.sum(1).float().mean().item(),
+    }
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
