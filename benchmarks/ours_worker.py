@@ -129,7 +129,7 @@ def build_trainer(model: MultiAdapterModel, tokenizer, spec: dict) -> MultiAdapt
         use_cpu=True,
     )
     trainer = MultiAdapterPPOTrainer(model=model, args=args, processing_class=tokenizer)
-    trainer._ensure_optimizer(None)  # step() does this lazily; here it stays out of the first timed round
+    trainer.create_optimizer_and_scheduler(None)  # step() does this lazily; here it stays out of the first timed round
     return trainer
 
 
@@ -141,20 +141,14 @@ def build_ours(spec: dict) -> dict:
 
 
 def run_trainer_iteration(trainer: MultiAdapterPPOTrainer, queries: list[list[int]]) -> dict:
-    """One ``train()`` iteration on the given prompts: the body of ``_train_iteration`` after it has
-    drawn its batch from the dataset (requests.md asks for a public method doing exactly this)."""
-    trainer._iteration_start = time.perf_counter()
-    query_ids, query_mask = left_pad(queries, trainer.pad_token_id, trainer.device)
-    start = time.perf_counter()
-    rollout = trainer._generate(query_ids, query_mask)
-    generated = time.perf_counter()
-    scores = trainer._score(rollout, {"input_ids": queries})
-    scored = time.perf_counter()
-    stats = trainer._ppo_update(rollout, scores)
-    trainer.state.global_step += 1
-    end = time.perf_counter()
+    """One PPO iteration on the given prompts through the public ``step(query_tensors)``: sampling with
+    captured logprobs and values, scoring, optimisation (what a ``train()`` iteration does after drawing
+    its batch). The phases come from the trainer's own ``time/*`` metrics."""
+    stats = trainer.step([torch.tensor(query, device=trainer.device) for query in queries])
     timings = {key: float(value) for key, value in stats.items() if key.startswith("time/")}
-    return {"generate_s": generated - start, "reward_s": scored - generated, "step_s": end - scored,
+    generate_s, reward_s = timings["time/rollout/generation"], timings["time/rollout/score"]
+    return {"generate_s": generate_s, "reward_s": reward_s,
+            "step_s": timings["time/iteration"] - generate_s - reward_s,
             "first_ratio": stats["policy/first_ratio"], **timings}
 
 
