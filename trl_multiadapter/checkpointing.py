@@ -129,6 +129,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 PPO_STATE_FILE = "ppo_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
+ADAPTERS_DIR = "adapters"  # readable adapters (save_adapters layout) beside the resume state
 
 
 @dataclass
@@ -243,3 +244,21 @@ def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: bo
 
 def _parameter_names(model) -> dict[int, str]:
     return {id(parameter): name for name, parameter in model.named_parameters()}
+
+
+def save_checkpoint(trainer) -> Path:
+    """Write ``checkpoint-<global_step>`` of a PPO trainer atomically, then rotate old checkpoints."""
+    is_main = trainer.is_world_process_zero()
+
+    def write(folder: Path) -> None:
+        ResumeState.capture(trainer).save(folder, trainer.process_index, is_main)
+        if is_main:
+            trainer.model.save_adapters(folder / ADAPTERS_DIR)
+            if trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(folder / ADAPTERS_DIR)
+
+    final_dir = write_atomically(checkpoint_dir(trainer.args.output_dir, trainer.state.global_step), write,
+                                 is_main_process=is_main, wait_for_everyone=trainer.accelerator.wait_for_everyone)
+    if is_main:
+        rotate_checkpoints(trainer.args.output_dir, trainer.args.save_total_limit)
+    return final_dir

@@ -7,6 +7,7 @@ makes accelerate form a gloo group for CPU data parallelism) and no ``device_map
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -38,3 +39,13 @@ def rng_devices() -> list[int]:
     import torch
 
     return [torch.cuda.current_device()] if cuda_available() else []
+
+
+@contextmanager
+def isolated_rng(seed: int):
+    """Run the body on a torch RNG seeded with ``seed``; the caller's RNG state is left untouched."""
+    import torch
+
+    with torch.random.fork_rng(devices=rng_devices()):
+        torch.manual_seed(seed)
+        yield

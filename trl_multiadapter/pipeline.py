@@ -519,7 +519,7 @@ def ppo_stage(context: StageContext) -> StageResult:
     )
     checkpoint = latest_checkpoint(context.stage_dir)
     if checkpoint is not None:
-        logger.info("stage ppo: resuming from %s", checkpoint)
+        print(f"[ppo] resuming from {checkpoint}", flush=True)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(context.stage_dir / PPO_FINAL_DIR))
     history = trainer.state.log_history

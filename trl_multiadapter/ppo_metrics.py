@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -108,3 +110,18 @@ def rollout_stats(rollout: Rollout, scores: torch.Tensor, kl: torch.Tensor, non_
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+class Timings(defaultdict):
+    """Seconds per phase of one iteration, under TRL-style ``time/...`` names."""
+
+    def __init__(self) -> None:
+        super().__init__(float)
+
+    @contextmanager
+    def measure(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] += time.perf_counter() - start

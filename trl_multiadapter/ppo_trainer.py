@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +35,8 @@ from transformers.trainer_utils import TrainOutput
 from . import distributed, ppo_math
 from .batching import RolePasses, at_temperature, minibatch_orders
 from .builder import build_model, load_tokenizer
-from .checkpointing import (
-    ResumeState,
-    checkpoint_dir,
-    resolve_checkpoint,
-    rotate_checkpoints,
-    write_atomically,
-)
-from .devices import rng_devices
+from .checkpointing import ResumeState, resolve_checkpoint, save_checkpoint
+from .devices import isolated_rng
 from .kl_control import RunningMoments, build_kl_controller
 from .model import MultiAdapterModel
 from .ppo_config import MultiAdapterPPOConfig
@@ -53,10 +44,12 @@ from .ppo_metrics import (
     MinibatchResult,
     NonFiniteValueError,
     OptimisationRecord,
+    Timings,
     mean,
     nonfinite_rows,
     rollout_stats,
 )
+from .progress import install_progress
 from .prompts import check_prompt_columns, encode_prompts, pad_token_id, select_columns
 from .rollout import (
     PromptSampler,
@@ -68,16 +61,7 @@ from .rollout import (
     sample_rollout,
     stop_token_ids,
 )
-from .scoring import (
-    RewardAdapterScores,
-    RewardFunction,
-    RewardFunctionScores,
-    as_reward_functions,
-    end_of_turn_ids,
-    scores_tensor,
-)
-
-ADAPTERS_DIR = "adapters"
+from .scoring import RewardFunction, as_reward_functions, reward_source_for, scores_tensor
 
 __all__ = ["MultiAdapterPPOTrainer", "NonFiniteValueError"]
 
@@ -130,30 +114,21 @@ class MultiAdapterPPOTrainer(Trainer):
             check_prompt_columns(dataset, name)
         super().__init__(model=model, args=args, processing_class=processing_class, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers)
-        self._use_rich_progress()
+        install_progress(self)
         self.pad_token_id = pad_token_id(processing_class)
         self.stop_token_ids = stop_token_ids(processing_class, model, args.stop_token)
         self.sampler = sample_rollout
         self.passes = RolePasses(model, args.temperature, args.mini_batch_size, args.kl_estimator == "full",
                                  self.accelerator.autocast)
-        self.reward_source = self._build_reward_source(as_reward_functions(reward_funcs))
+        self.reward_source = reward_source_for(model, as_reward_functions(reward_funcs), args, processing_class,
+                                               self.stop_token_ids, self.accelerator.autocast, lambda: self.state)
         self.kl_ctl = build_kl_controller(args.adap_kl_ctrl, args.init_kl_coef, args.target, args.horizon)
         self.score_moments = RunningMoments()
-        self.timings: dict[str, float] = defaultdict(float)
+        self.timings = Timings()
         self._losses: list[float] = []
         self._trainable = model.trainable_parameters()
         self._prompt_order: PromptSampler | None = None
         distributed.broadcast_parameters(self._trainable)
-
-    def _build_reward_source(self, functions):
-        if functions:
-            return RewardFunctionScores(functions, self.args.reward_weights, self.processing_class, lambda: self.state)
-        if self.args.reward_weights is not None:
-            raise ValueError("reward_weights are given but there are no reward_funcs; drop them or pass the functions")
-        if "reward" not in self.model.roles:
-            return None  # scores must then come with step(); _score says so otherwise
-        end_ids = end_of_turn_ids(self.processing_class, self.args.end_of_turn_token)
-        return RewardAdapterScores(self.model, self.pad_token_id, self.stop_token_ids, end_ids, self.accelerator.autocast)
 
     @property
     def num_processes(self) -> int:
@@ -173,16 +148,6 @@ class MultiAdapterPPOTrainer(Trainer):
         if getattr(base, "is_quantized", False) or getattr(base, "hf_device_map", None) is not None:
             return
         model.to(device)
-
-    def _use_rich_progress(self) -> None:
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-        self.remove_callback(ProgressCallback)
-        self.remove_callback(PrinterCallback)
-        if not self.args.disable_tqdm and sys.stdout.isatty():
-            from trl.trainer.callbacks import RichProgressCallback
-
-            self.add_callback(RichProgressCallback)
 
     # ------------------------------------------------------------------------------------------------
     # public API: train / step / score_responses / evaluate / save_model
@@ -281,7 +246,7 @@ class MultiAdapterPPOTrainer(Trainer):
         check_prompt_columns(dataset, "eval_dataset")
         rows = list(range(self.process_index, len(dataset), self.num_processes))
         totals = torch.zeros(5, dtype=torch.float64, device=self.device)  # score, kl, length, eos, count
-        with self._isolated_rng(self.args.seed + self.state.global_step):
+        with isolated_rng(self.args.seed + self.state.global_step):
             for start in range(0, len(rows), self.args.per_device_eval_batch_size):
                 columns = select_columns(dataset, rows[start : start + self.args.per_device_eval_batch_size])
                 rollout = self._generate(*left_pad(encode_prompts(self.processing_class, columns),
@@ -346,9 +311,9 @@ class MultiAdapterPPOTrainer(Trainer):
         # Old logprobs from the training forward (exact mode, or responses sampled outside): the reference
         # then runs on the same mini-batches, so a policy equal to its reference has a KL of exactly 0.
         exact = args.rollout_logprobs == "forward" or rollout.logprobs is None
-        with self._timed("time/rollout/old_logprobs"):
+        with self.timings.measure("time/rollout/old_logprobs"):
             rollout = self.passes.old_logprobs_and_values(rollout, orders[0], exact)
-        with self._timed("time/rollout/reference"):
+        with self.timings.measure("time/rollout/reference"):
             ref_logprobs, ref_logits = self.passes.reference(rollout, orders[0] if exact else None)
         mask = rollout.loss_mask
         self._check_finite(logprobs=rollout.logprobs, ref_logprobs=ref_logprobs, values=rollout.values, mask=mask)
@@ -365,7 +330,7 @@ class MultiAdapterPPOTrainer(Trainer):
         advantages = ppo_math.masked_whiten(advantages, mask)
         batch = TrainingBatch(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
                               rollout.logprobs, rollout.values, advantages, returns, loss_mask=mask)
-        with self._timed("time/optimisation"):
+        with self.timings.measure("time/optimisation"):
             train_stats = self._optimise(batch, orders)
         stats = distributed.mean_across_processes(
             {**rollout_stats(rollout, scores, kl, non_score_rewards, kl_coef), **train_stats}, self.device)
@@ -390,7 +355,7 @@ class MultiAdapterPPOTrainer(Trainer):
 
     def _generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, for_training: bool = True,
                   **overrides) -> Rollout:
-        with self._timed("time/rollout/generation"), self.accelerator.autocast():
+        with self.timings.measure("time/rollout/generation"), self.accelerator.autocast():
             return self.sampler(self.model, query_ids, query_mask, self._sampling_settings(for_training, **overrides))
 
     def _score(self, rollout: Rollout, columns: dict[str, list]) -> torch.Tensor:
@@ -400,7 +365,7 @@ class MultiAdapterPPOTrainer(Trainer):
                 "no reward source: pass reward_adapter=<dir> (or a MultiAdapterModel built with one) or "
                 "reward_funcs=[callable], or give scores to step()"
             )
-        with self._timed("time/rollout/score"):
+        with self.timings.measure("time/rollout/score"):
             return self.reward_source(rollout, columns)
 
     def _shape_scores(self, scores: torch.Tensor) -> torch.Tensor:
@@ -423,16 +388,16 @@ class MultiAdapterPPOTrainer(Trainer):
                 contributed = 0
                 for start in range(group_start, group_start + args.backward_batch_size, args.mini_batch_size):
                     minibatch = batch.select(epoch_order[start : start + args.mini_batch_size]).trimmed()
-                    with self._timed("time/optimisation/forward"):
+                    with self.timings.measure("time/optimisation/forward"):
                         result = self._minibatch_loss(minibatch)
                     record.add_minibatch(result)
                     if result.ratio.item() > args.ratio_threshold:
                         record.skipped += 1  # TRL 0.11's ratio_threshold: no gradient from this mini-batch
                         continue
-                    with self._timed("time/optimisation/backward"):
+                    with self.timings.measure("time/optimisation/backward"):
                         result.loss.backward()
                     contributed += 1
-                with self._timed("time/optimisation/step"):
+                with self.timings.measure("time/optimisation/step"):
                     record.add_step(self._optimizer_step(contributed))
         return record.stats()
 
@@ -500,20 +465,6 @@ class MultiAdapterPPOTrainer(Trainer):
             if distributed.any_process(bool(rows), self.device):
                 raise NonFiniteValueError(self.state.global_step, name, rows)
 
-    @contextmanager
-    def _timed(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.timings[name] += time.perf_counter() - start
-
-    @contextmanager
-    def _isolated_rng(self, seed: int):
-        with torch.random.fork_rng(devices=rng_devices()):
-            torch.manual_seed(seed)
-            yield
-
     def _log_save_evaluate(self, stats: dict[str, float]) -> None:
         if self.control.should_log or (self.state.global_step == 1 and self.args.logging_first_step):
             self.log(dict(stats))
@@ -527,20 +478,7 @@ class MultiAdapterPPOTrainer(Trainer):
             self.control.should_save = False
 
     def _save_checkpoint(self, *unused) -> Path:
-        """Write ``checkpoint-<global_step>`` atomically (temporary folder, then rename)."""
-        final_dir = write_atomically(checkpoint_dir(self.args.output_dir, self.state.global_step), self._write_checkpoint,
-                                     is_main_process=self.is_world_process_zero(),
-                                     wait_for_everyone=self.accelerator.wait_for_everyone)
-        if self.is_world_process_zero():
-            rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
-        return final_dir
-
-    def _write_checkpoint(self, folder: Path) -> None:
-        ResumeState.capture(self).save(folder, self.process_index, self.is_world_process_zero())
-        if self.is_world_process_zero():
-            self.model.save_adapters(folder / ADAPTERS_DIR)  # readable adapters beside the resume state
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(folder / ADAPTERS_DIR)
+        return save_checkpoint(self)
 
     def _load_checkpoint(self, folder: Path) -> None:
         ResumeState.load(folder, self.process_index, self.num_processes).restore(self)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .scoring import is_conversational
-
 
 def check_prompt_columns(dataset, name: str) -> None:
     if dataset is None:
@@ -56,3 +54,7 @@ def pad_token_id(tokenizer) -> int:
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id  # only a filler: masks, not pad ids, decide what is padding
     raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+
+
+def is_conversational(prompt) -> bool:
+    return isinstance(prompt, list) and all(isinstance(message, dict) and "role" in message for message in prompt)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .prompts import is_conversational, pad_token_id
 from .rollout import Rollout, left_pad
 
 RewardFunction = Callable[..., Sequence[float | None]]
@@ -152,10 +153,6 @@ def scores_tensor(scores, batch_size: int, device) -> torch.Tensor:
     return values.to(device)
 
 
-def is_conversational(prompt) -> bool:
-    return isinstance(prompt, list) and all(isinstance(message, dict) and "role" in message for message in prompt)
-
-
 def _function_name(function) -> str:
     return getattr(function, "__name__", type(function).__name__)
 
@@ -168,3 +165,17 @@ def _reward_values(values, batch_size: int, name: str) -> tuple[torch.Tensor, to
     present = torch.tensor([value is not None for value in values])
     numbers = torch.tensor([0.0 if value is None else float(value) for value in values], dtype=torch.float64)
     return numbers, present
+
+
+def reward_source_for(model, functions: Sequence[RewardFunction], args, tokenizer, stop_ids: Sequence[int],
+                      autocast=nullcontext, trainer_state: Callable[[], Any] = lambda: None):
+    """The trainer's reward source: the reward functions when given, else the model's reward adapter
+    (scoring in the training format), else None (scores must then come with ``step()``)."""
+    if functions:
+        return RewardFunctionScores(functions, args.reward_weights, tokenizer, trainer_state)
+    if args.reward_weights is not None:
+        raise ValueError("reward_weights are given but there are no reward_funcs; drop them or pass the functions")
+    if "reward" not in model.roles:
+        return None
+    end_ids = end_of_turn_ids(tokenizer, args.end_of_turn_token)
+    return RewardAdapterScores(model, pad_token_id(tokenizer), stop_ids, end_ids, autocast)
