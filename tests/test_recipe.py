@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,8 @@ def test_hh_squad_carries_the_seed_recipe(hh_squad):
     assert (p.top_p, p.top_k, p.max_new_tokens) == (0.9, 0, 32)
     i = r.instance
     assert (i.name, i.num_gpus, i.price_per_hour) == ("ml.g5.12xlarge", 4, 7.09)
-    assert r.reward.dtype == r.model.dtype  # derived, never set twice
+    # derived, never set twice: the reward stage loads the base in model.dtype
+    assert recipe.build_reward_config(r.reward, r.model).dtype == r.model.dtype == "bfloat16"
 
 
 def test_bundled_recipe_by_name_and_close_match():
@@ -89,6 +91,36 @@ def test_ppo_section_fields_come_from_the_config_class(hh_squad):
     assert section_fields == (config_fields - set(recipe.PPO_DERIVED_FIELDS)) | set(recipe.PPO_LORA_FIELDS)
     config = recipe.build_ppo_config(hh_squad.ppo, "out", use_cpu=True)
     assert (config.batch_size, config.learning_rate, config.top_p) == (4, 1e-5, 0.9)
+
+
+def test_reward_section_fields_come_from_the_config_class(hh_squad):
+    from trl import RewardConfig
+
+    from trl_multiadapter.reward import RewardAdapterConfig
+
+    config_fields = {f.name for f in dataclasses.fields(RewardAdapterConfig) if f.init}
+    section_fields = {f.name for f in dataclasses.fields(hh_squad.reward)}
+    assert section_fields == config_fields - set(recipe.REWARD_DERIVED_FIELDS)
+    assert {f.name for f in dataclasses.fields(RewardConfig)} - set(recipe.REWARD_DERIVED_FIELDS) <= section_fields
+    assert {"optim", "warmup_steps", "eval_strategy", "lora_target_modules"} <= section_fields
+
+
+def test_training_arguments_are_reachable_from_the_reward_section(tiny_data):
+    loaded = recipe.load(data=copy.deepcopy(tiny_data), overrides=[
+        "reward.optim=adafactor", "reward.warmup_steps=0.1", "reward.eval_strategy=epoch",
+        "reward.lr_scheduler_type=cosine", "reward.lora_target_modules=[q_proj, v_proj]"])
+    config = recipe.build_reward_config(loaded.reward, loaded.model)
+    assert (config.optim, config.warmup_steps, config.eval_strategy, config.lr_scheduler_type) == (
+        "adafactor", 0.1, "epoch", "cosine")
+    assert config.lora_config().target_modules == {"q_proj", "v_proj"}
+    assert config.use_cpu  # this machine has no CUDA: the device decision, not the recipe
+
+
+def test_reward_config_checks_become_recipe_errors(tiny_data):
+    error = load_error(tiny_data, ["reward.eval_fraction=1.5"])
+    assert error.key_path == "reward.eval_fraction"
+    error = load_error(tiny_data, ["reward.fp16=true", "reward.bf16=true"])  # TrainingArguments' own check
+    assert error.key_path.startswith("reward") and "fp16 and bf16" in error.problem
 
 
 # -------------------------------------------------------------------------------------------- errors
@@ -150,6 +182,27 @@ def test_overrides_parse_values_as_yaml(tiny_data):
     assert loaded.output_dir == "/tmp/x"
 
 
+def test_errors_from_an_override_blame_the_override_not_the_file(tmp_path):
+    """The CLI in a subprocess: a --set typo in a bundled recipe names the --set flag, never the YAML file."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "trl_multiadapter", "run", "tiny_cpu", "--dry_run", "--set", "reward.lora_rank=4"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    line = completed.stderr.strip().splitlines()[-1]
+    assert "--set reward.lora_rank=4: reward.lora_rank: unknown key 'lora_rank'. Did you mean 'lora_r'?" in line
+    assert "tiny_cpu.yaml" not in line and "Traceback" not in completed.stderr
+    # a problem in the file itself still names the file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((PACKAGE_RECIPES / "tiny_cpu.yaml").read_text().replace("  lora_r: 8\n", "  lora_rank: 8\n"))
+    with pytest.raises(RecipeError) as caught:
+        recipe.load(str(bad), ["ppo.learning_rate=2e-5"])
+    assert caught.value.source == str(bad) and caught.value.key_path == "reward.lora_rank"
+
+
 def test_override_errors(tiny_data):
     assert load_error(tiny_data, ["ppo.learning_rate"]).key_path == "--set"
     error = load_error(tiny_data, ["output_dir.inner=3"])
@@ -194,6 +247,10 @@ def test_derived_keys_point_to_their_source(tiny_data):
     assert error.key_path == "ppo.output_dir" and "output_dir (top level" in error.fix
     error = load_error(tiny_data, ["reward.dtype=bfloat16"])
     assert "model.dtype" in error.fix
+    for key, source in (("use_cpu", "CUDA"), ("output_dir", "top level"), ("trust_remote_code", "model."),
+                        ("model_init_kwargs", "model.dtype")):
+        error = load_error(tiny_data, [f"reward.{key}=true"])
+        assert error.key_path == f"reward.{key}" and source in error.fix
 
 
 def test_push_to_hub_needs_a_repository(tiny_data):

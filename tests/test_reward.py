@@ -243,6 +243,9 @@ def test_the_marker_of_a_finished_run_replaces_a_stale_one(short_run_from_model_
     result, *_ = short_run_from_model_object
     assert (result.output_dir / COMPLETE_MARKER).read_text() != "stale"
     assert load_reward_result(result.output_dir).metrics == pytest.approx(result.metrics)
+    saved = json.loads((result.output_dir / REWARD_METRICS_FILE).read_text())["config"]
+    assert (saved["seed"], saved["lora_target_modules"], saved["eval_fraction"]) == (7, "all-linear", 0.25)
+    assert saved["optim"] == RewardAdapterConfig().optim  # every TrainingArguments field is recorded
 
 
 def test_a_distinct_pad_token_is_chosen_when_pad_is_eos(short_run_from_model_object):
@@ -382,6 +385,58 @@ def test_lora_config_targets_all_linear_layers_and_saves_the_score_head():
 def test_defaults_follow_the_seed_recipe():
     config = RewardAdapterConfig()
     assert (config.learning_rate, config.max_length) == (2e-4, 512)
+
+
+def test_config_is_trl_reward_config_with_the_stage_defaults():
+    from trl import RewardConfig
+
+    ours, trl_defaults = RewardAdapterConfig(), RewardConfig(output_dir="unused", use_cpu=True, bf16=False)
+    assert isinstance(ours, RewardConfig)
+    differing = {"learning_rate": 2e-4, "num_train_epochs": 1.0, "max_length": 512, "disable_dropout": False,
+                 "save_strategy": "no", "include_num_input_tokens_seen": "non_padding"}
+    for name, value in differing.items():
+        assert getattr(ours, name) == value != getattr(trl_defaults, name), name
+    # everything else is TRL's (and transformers') own default, not a copy of it
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "optim",
+                 "lr_scheduler_type", "warmup_steps", "weight_decay", "logging_steps", "seed", "report_to",
+                 "center_rewards_coefficient", "max_steps", "gradient_checkpointing"):
+        assert getattr(ours, name) == getattr(trl_defaults, name), name
+    assert (ours.lora_r, ours.lora_alpha, ours.lora_dropout, ours.lora_target_modules) == (8, 32, 0.1, "all-linear")
+
+
+def test_training_arguments_reach_the_trainer_copy(tmp_path):
+    config = RewardAdapterConfig(optim="adafactor", warmup_steps=0.25, eval_strategy="epoch", seed=5,
+                                 gradient_checkpointing=False)
+    args = config.reward_config(tmp_path / "out", evaluate=True, model_init_kwargs={"dtype": "float32"})
+    assert isinstance(args, RewardAdapterConfig) and args is not config
+    assert (args.optim, args.warmup_steps, args.eval_strategy, args.data_seed) == ("adafactor", 0.25, "epoch", 5)
+    assert (args.output_dir, args.model_init_kwargs) == (str(tmp_path / "out"), {"dtype": "float32"})
+    assert args.activation_checkpointing is False and args.save_strategy == "no"
+    # no held-out pairs: no evaluation at all, whatever the strategy; eval_steps alone means "steps"
+    assert config.reward_config(tmp_path, evaluate=False).eval_strategy == "no"
+    periodic = RewardAdapterConfig(eval_steps=5).reward_config(tmp_path, evaluate=True)
+    assert (periodic.eval_strategy, periodic.eval_steps) == ("steps", 5)
+    assert RewardAdapterConfig(eval_steps=5).reward_config(tmp_path, evaluate=False).eval_steps is None
+
+
+def test_use_cpu_and_bf16_follow_the_device_decision(monkeypatch):
+    from trl_multiadapter import devices
+
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    config = RewardAdapterConfig()
+    assert config.use_cpu and config.bf16 is False  # None: bf16 only where a GPU supports it
+    assert RewardAdapterConfig(bf16=True).bf16 is True  # an explicit choice stays
+
+
+def test_gradient_checkpointing_key_is_carried_over_without_a_deprecation_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.*", category=FutureWarning)
+        off = RewardAdapterConfig(gradient_checkpointing=False)
+        on = RewardAdapterConfig()
+    assert (off.activation_checkpointing, on.activation_checkpointing) == (False, True)
+    assert RewardAdapterConfig(activation_checkpointing=False).gradient_checkpointing is False
 
 
 @pytest.mark.parametrize(

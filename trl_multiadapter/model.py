@@ -79,11 +79,9 @@ CRITIC_INITS = (None, "reward")
 
 def default_policy_config():
     """The LoRA config used when neither ``policy_config`` nor ``policy_adapter`` is given."""
-    from peft import LoraConfig
+    from .lora import policy_lora_config
 
-    return LoraConfig(
-        task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", bias="none"
-    )
+    return policy_lora_config()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -439,6 +439,7 @@ def load_stage_dataset(context: StageContext, key: str):
 @register_stage("reward")
 def reward_stage(context: StageContext) -> StageResult:
     """Train the reward adapter with trl.RewardTrainer; report held-out pairwise accuracy."""
+    from .recipe import build_reward_config
     from .reward import train_reward_adapter
 
     recipe = context.recipe
@@ -451,7 +452,7 @@ def reward_stage(context: StageContext) -> StageResult:
         train,
         tokenizer=load_tokenizer(context),
         output_dir=context.stage_dir,
-        config=recipe.reward,
+        config=build_reward_config(recipe.reward, recipe.model),
         eval_dataset=eval_pairs,
         quantization_config=recipe.quantization.bitsandbytes_config(),
     )

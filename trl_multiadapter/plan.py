@@ -183,7 +183,7 @@ def estimate_memory(recipe: Recipe, dims: ModelDims, on_gpu: bool = True) -> Mem
     else:
         base = dims.total_params * _dtype_bytes(recipe.model.dtype)
     policy = dims.lora_params(ppo.lora_r, ppo.lora_target_modules) + dims.hidden_size + 1
-    reward = dims.lora_params(recipe.reward.lora_r, recipe.reward.target_modules) + dims.hidden_size
+    reward = dims.lora_params(recipe.reward.lora_r, recipe.reward.lora_target_modules) + dims.hidden_size
     length = recipe.data.prompts.max_prompt_length + ppo.max_new_tokens
     tokens = ppo.mini_batch_size * length
     layer_activations = 34 * tokens * dims.hidden_size * activation_bytes / 2

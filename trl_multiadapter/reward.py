@@ -15,131 +15,113 @@ directory that ``MultiAdapterModel.from_pretrained(..., reward_adapter=dir)`` lo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
+import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from trl import RewardConfig
+
+from . import devices
+from .lora import SCORE_HEAD_MODULE, LoraArguments, check_lora_fields, lora_field, reward_lora_config
+from .recipe.sections import BaseDtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-    from trl import RewardConfig
 
 logger = logging.getLogger(__name__)
 
 REWARD_METRICS_FILE = "reward_metrics.json"
 COMPLETE_MARKER = "_COMPLETE"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-SCORE_HEAD_MODULE = "score"
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass
-class RewardAdapterConfig:
-    """Hyper-parameters of the reward-adapter stage (defaults: the original multi-adapter PPO recipe)."""
+class RewardAdapterConfig(LoraArguments, RewardConfig):
+    """``trl.RewardConfig`` of the reward-adapter stage, plus its LoRA and held-out split.
 
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the reward adapter."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(
+    Every ``TrainingArguments`` / ``RewardConfig`` field is accepted (``optim``, ``warmup_steps``,
+    ``eval_strategy``, ...). Defaults that differ from TRL's are the original multi-adapter PPO recipe's
+    (LoRA r8 / alpha 32 / dropout 0.1, learning rate 2e-4, one epoch, 512 tokens) or what this stage needs
+    (dropout kept on, no checkpoints: the final adapter is saved explicitly). ``use_cpu`` is turned on where
+    no CUDA device is visible (``trl_multiadapter.devices``); ``output_dir`` is the stage's folder, set by
+    ``train_reward_adapter``.
+    """
+
+    # ---- the reward adapter's LoRA (fields of LoraArguments, reward defaults) -----------------------
+    lora_r: int = lora_field("lora_r", 8)
+    lora_dropout: float = lora_field("lora_dropout", 0.1)
+
+    # ---- ours ------------------------------------------------------------------------------------------
+    eval_fraction: float = field(
         default=0.1,
-        metadata={
-            "help": "Dropout on the LoRA input during training. Only active when `disable_dropout` is false."
-        },
+        metadata={"help": "Share of the training pairs held out for evaluation when no eval dataset is given."},
     )
-    target_modules: str | list[str] = field(
-        default="all-linear",
-        metadata={
-            "help": "Modules that get LoRA: 'all-linear' (every linear layer but the score head) or names."
-        },
+    dtype: BaseDtype = field(
+        default="float32", metadata={"help": "Dtype of the base weights when the model is loaded from a path."}
     )
+
+    # ---- defaults that differ from TRL's ---------------------------------------------------------------
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak AdamW learning rate."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
-    max_steps: int = field(
-        default=-1, metadata={"help": "Optimizer steps to run; -1 uses `num_train_epochs`."}
-    )
     per_device_train_batch_size: int = field(
         default=8, metadata={"help": "Preference pairs per device per step (each pair is two sequences)."}
     )
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Pairs per device when evaluating."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Micro-batches per optimizer step."}
-    )
-    gradient_checkpointing: bool = field(
-        default=True, metadata={"help": "Recompute activations in the backward pass to save memory."}
-    )
     max_length: int | None = field(
         default=512,
-        metadata={
-            "help": "Pairs whose chosen or rejected sequence is longer are dropped (counted in metrics)."
-        },
-    )
-    eval_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Share of the training pairs held out for evaluation when no eval dataset is given."
-        },
-    )
-    eval_steps: int | None = field(
-        default=None,
-        metadata={"help": "Also evaluate every this many steps during training (None: only at the end)."},
-    )
-    lr_scheduler_type: str = field(
-        default="linear", metadata={"help": "Learning-rate schedule (transformers name)."}
-    )
-    warmup_steps: float = field(
-        default=0, metadata={"help": "Linear warm-up: a step count (>= 1) or a share of all steps (< 1)."}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    center_rewards_coefficient: float | None = field(
-        default=None, metadata={"help": "Weight of the mean-zero reward penalty (TRL's option; e.g. 0.01)."}
+        metadata={"help": "Pairs whose chosen or rejected sequence is longer are dropped (counted in metrics)."},
     )
     disable_dropout: bool = field(
         default=False,
+        metadata={"help": "Turn every dropout (LoRA dropout included) off while training, as TRL does by default."},
+    )
+    eval_steps: float | None = field(
+        default=None,
         metadata={
-            "help": "Turn every dropout (LoRA dropout included) off while training, as TRL does by default."
+            "help": "Also evaluate every this many steps during training (turns eval_strategy 'no' into 'steps'); "
+            "null: only at the end."
         },
     )
+    save_strategy: str = field(
+        default="no",
+        metadata={"help": "Trainer checkpoints during training ('no': none; the final adapter is always saved)."},
+    )
+    include_num_input_tokens_seen: str | bool = field(
+        default="non_padding", metadata={"help": "Count the trained tokens (the throughput in reward_metrics.json)."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for the split, the score-head init and training."})
-    dtype: str = field(
-        default="float32",
-        metadata={"help": f"Dtype of the base weights when loading from a path: one of {', '.join(DTYPES)}."},
-    )
     bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision; None turns it on where the GPU supports it."}
-    )
-    logging_steps: int = field(default=10, metadata={"help": "Log training metrics every this many steps."})
-    report_to: str | list[str] = field(
-        default="none",
-        metadata={"help": "Logging integrations for the trainer ('none', 'tensorboard', ...)."},
+        default=None, metadata={"help": "bf16 mixed precision; null turns it on where the GPU supports it."}
     )
     disable_tqdm: bool | None = field(
-        default=None, metadata={"help": "Hide progress bars; None hides them when the CI variable is set."}
+        default=None, metadata={"help": "Hide progress bars; null hides them when the CI variable is set."}
     )
 
     def __post_init__(self) -> None:
-        positive = (
-            "lora_r",
-            "lora_alpha",
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-            "logging_steps",
-        )
-        for name in positive:
+        self._check_reward_fields()
+        self.use_cpu = self.use_cpu or devices.use_cpu()
+        if self.bf16 is None:  # TRL's None means "bf16 unless fp16", which fails on GPUs without bf16
+            self.bf16 = not self.fp16 and not self.use_cpu and _cuda_bf16_supported()
+        if self.disable_tqdm is None:
+            self.disable_tqdm = bool(os.environ.get("CI"))
+        _prefer_activation_checkpointing(self)
+        super().__post_init__()
+
+    def _check_reward_fields(self) -> None:
+        check_lora_fields(self, "reward")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"reward.{name} must be >= 1, got {getattr(self, name)}.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"reward.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(
-                f"reward.eval_fraction must be in [0, 1), got {self.eval_fraction}; use 0 for no split."
-            )
+            raise ValueError(f"reward.eval_fraction must be in [0, 1), got {self.eval_fraction}; use 0 for no split.")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"reward.max_length must be >= 2 or null, got {self.max_length}.")
         if self.learning_rate <= 0:
@@ -148,63 +130,46 @@ class RewardAdapterConfig:
             raise ValueError("reward.num_train_epochs must be > 0 (or set reward.max_steps).")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"reward.max_steps must be -1 or >= 1, got {self.max_steps}.")
-        if self.eval_steps is not None and self.eval_steps < 1:
-            raise ValueError(f"reward.eval_steps must be >= 1 or null, got {self.eval_steps}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"reward.dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise ValueError(f"reward.eval_steps must be > 0 or null, got {self.eval_steps}.")
+        if self.dtype not in typing.get_args(BaseDtype):
+            raise ValueError(f"reward.dtype must be one of {typing.get_args(BaseDtype)}, got {self.dtype!r}.")
 
     def lora_config(self) -> LoraConfig:
         """The PEFT config: SEQ_CLS makes peft train and save the ``score`` head with the adapter."""
-        from peft import LoraConfig, TaskType
-
-        return LoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=copy.copy(self.target_modules),
-            modules_to_save=[SCORE_HEAD_MODULE],
-        )
+        return reward_lora_config(self)
 
     def reward_config(
         self, output_dir: str | os.PathLike, *, evaluate: bool, model_init_kwargs: dict | None = None
-    ) -> RewardConfig:
-        """TRL's ``RewardConfig`` for this stage; no checkpoints, the final adapter is saved explicitly."""
-        import torch
-        from trl import RewardConfig
-
-        use_cpu = not torch.cuda.is_available()
-        bf16 = self.bf16 if self.bf16 is not None else (not use_cpu and torch.cuda.is_bf16_supported())
-        periodic_eval = evaluate and self.eval_steps is not None
-        return RewardConfig(
+    ) -> RewardAdapterConfig:
+        """A copy for ``trl.RewardTrainer`` in ``output_dir``: periodic evaluation only with held-out pairs."""
+        periodic_eval = evaluate and (self.eval_steps is not None or self.eval_strategy != "no")
+        eval_strategy = self.eval_strategy
+        if not evaluate:
+            eval_strategy = "no"
+        elif self.eval_steps is not None and eval_strategy == "no":
+            eval_strategy = "steps"
+        return dataclasses.replace(
+            self,
             output_dir=str(output_dir),
-            learning_rate=self.learning_rate,
-            num_train_epochs=self.num_train_epochs,
-            max_steps=self.max_steps,
-            per_device_train_batch_size=self.per_device_train_batch_size,
-            per_device_eval_batch_size=self.per_device_eval_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            **{_checkpointing_argument(): self.gradient_checkpointing},
-            max_length=self.max_length,
-            lr_scheduler_type=self.lr_scheduler_type,
-            warmup_steps=self.warmup_steps,
-            weight_decay=self.weight_decay,
-            max_grad_norm=self.max_grad_norm,
-            center_rewards_coefficient=self.center_rewards_coefficient,
-            disable_dropout=self.disable_dropout,
-            seed=self.seed,
-            data_seed=self.seed,
-            bf16=bf16,
-            use_cpu=use_cpu,
-            logging_steps=self.logging_steps,
-            report_to=self.report_to,
-            disable_tqdm=self.disable_tqdm if self.disable_tqdm is not None else bool(os.environ.get("CI")),
-            eval_strategy="steps" if periodic_eval else "no",
+            eval_strategy=eval_strategy,
             eval_steps=self.eval_steps if periodic_eval else None,
-            save_strategy="no",
-            include_num_input_tokens_seen="non_padding",
+            data_seed=self.data_seed if self.data_seed is not None else self.seed,
             model_init_kwargs=model_init_kwargs,
         )
+
+
+def _cuda_bf16_supported() -> bool:
+    import torch
+
+    return devices.cuda_available() and torch.cuda.is_bf16_supported()
+
+
+def _prefer_activation_checkpointing(config) -> None:
+    """transformers 5.x renamed ``gradient_checkpointing`` to ``activation_checkpointing`` and warns on the old
+    name; TRL still sets the old one (default True). The old name stays our documented key: carry it over."""
+    if hasattr(config, "activation_checkpointing") and config.activation_checkpointing is None:
+        config.activation_checkpointing = config.gradient_checkpointing
 
 
 @dataclass
@@ -316,7 +281,7 @@ def _save(trainer, tokenizer, output_dir: Path, metrics: dict, config: RewardAda
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
         check_score_head_saved(output_dir)
-        _write_json(output_dir / REWARD_METRICS_FILE, {"metrics": metrics, "config": asdict(config)})
+        _write_json(output_dir / REWARD_METRICS_FILE, {"metrics": metrics, "config": config.to_dict()})
         (output_dir / COMPLETE_MARKER).write_text("reward adapter stage finished\n")
     trainer.accelerator.wait_for_everyone()
 
@@ -445,16 +410,6 @@ def _sequence_classifier_from_causal_lm(causal_lm):
     reward_model = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
     reward_model.base_model.load_state_dict(causal_lm.base_model.state_dict(), strict=True)
     return reward_model.to(causal_lm.device)
-
-
-def _checkpointing_argument() -> str:
-    """transformers 5.x renamed ``gradient_checkpointing`` (now a deprecated alias that warns each run)."""
-    from dataclasses import fields
-
-    from trl import RewardConfig
-
-    names = {argument.name for argument in fields(RewardConfig)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def prepare_reward_tokenizer(tokenizer):

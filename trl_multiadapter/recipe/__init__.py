@@ -19,13 +19,15 @@ Modules, one job each:
 * ``loading``        YAML files, bundled recipe names, ``--set`` overrides, ``load``;
 * ``coercion``       raw data -> dataclasses, type-checked against the hints;
 * ``validation``     cross-field checks without hardware;
-* ``stage_configs``  what a stage gets from its section (``MultiAdapterPPOConfig``, the policy LoRA);
+* ``stage_configs``  what a stage gets from its section (``MultiAdapterPPOConfig``, ``RewardAdapterConfig``,
+  the policy LoRA);
 * ``runtime``        checks that need the machine (4-bit, hub push);
 * ``docs``           the generated key reference of docs/recipes.md.
 """
 
 from __future__ import annotations
 
+from ..builtin_models import BUILTIN_MODEL_PREFIX  # re-exported: the one builtin: resolver owns it
 from .coercion import build, coerce
 from .docs import reference_markdown
 from .errors import RecipeError
@@ -40,12 +42,11 @@ from .loading import (
 )
 from .runtime import check_runtime
 from .sections import (
-    BUILTIN_MODEL_PREFIX,
     DEFAULT_STAGES,
-    DTYPES,
     PPO_DERIVED_FIELDS,
     PPO_LORA_FIELDS,
     REWARD_DERIVED_FIELDS,
+    BaseDtype,
     DataConfig,
     EvaluateConfig,
     ExportConfig,
@@ -56,10 +57,10 @@ from .sections import (
     QuantizationConfig,
     Recipe,
     ppo_section_class,
+    reward_section_class,
 )
-from .stage_configs import build_ppo_config, ppo_lora_config
+from .stage_configs import build_ppo_config, build_reward_config, ppo_lora_config
 from .validation import (
-    BUILTIN_ENTRY_MODULES,
     LOCAL_DATA_SUFFIXES,
     check_batch_arithmetic,
     looks_local,
@@ -67,15 +68,14 @@ from .validation import (
 )
 
 __all__ = [
-    "BUILTIN_ENTRY_MODULES",
     "BUILTIN_MODEL_PREFIX",
     "DEFAULT_STAGES",
-    "DTYPES",
     "LOCAL_DATA_SUFFIXES",
     "PPO_DERIVED_FIELDS",
     "PPO_LORA_FIELDS",
     "RECIPE_PACKAGE",
     "REWARD_DERIVED_FIELDS",
+    "BaseDtype",
     "DataConfig",
     "EvaluateConfig",
     "ExportConfig",
@@ -89,6 +89,7 @@ __all__ = [
     "apply_overrides",
     "build",
     "build_ppo_config",
+    "build_reward_config",
     "bundled_recipe_names",
     "check_batch_arithmetic",
     "check_runtime",
@@ -101,5 +102,6 @@ __all__ = [
     "read_yaml",
     "reference_markdown",
     "resolve_recipe_path",
+    "reward_section_class",
     "validate",
 ]

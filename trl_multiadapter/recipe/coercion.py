@@ -11,7 +11,6 @@ import typing
 from typing import Any, Literal
 
 from .errors import RecipeError
-from .sections import REWARD_DERIVED_FIELDS
 
 
 def build(cls: type, raw: Any, key_path: str) -> Any:
@@ -22,7 +21,7 @@ def build(cls: type, raw: Any, key_path: str) -> Any:
         raise RecipeError(key_path, f"must be a mapping of keys, got {describe(raw)}.",
                           f"write {key_path or 'the recipe'} as 'key: value' lines.")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")}
-    derived = getattr(cls, "derived_fields", {}) | DERIVED_BY_CLASS.get(cls.__name__, {})
+    derived = getattr(cls, "derived_fields", {})
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in raw.items():
@@ -46,9 +45,6 @@ def build(cls: type, raw: Any, key_path: str) -> Any:
         raise
     except (ValueError, TypeError) as error:
         raise _config_error(key_path, error) from None
-
-
-DERIVED_BY_CLASS = {"RewardAdapterConfig": REWARD_DERIVED_FIELDS}
 
 
 def _field_value(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:

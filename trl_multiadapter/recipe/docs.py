@@ -6,14 +6,18 @@ import dataclasses
 import json
 import typing
 
-from .coercion import DERIVED_BY_CLASS
 from .sections import Recipe, to_plain
 
-# TrainingArguments fields that PPO recipes commonly set; the rest are accepted too but not listed.
-_LISTED_TRAINING_ARGUMENTS = ("learning_rate", "max_steps", "num_train_epochs", "gradient_accumulation_steps",
-                              "max_grad_norm", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed",
-                              "bf16", "activation_checkpointing", "logging_steps", "save_steps",
-                              "save_total_limit", "report_to")
+# TrainingArguments fields that recipes commonly set, per section; the rest are accepted too but not listed.
+_LISTED_TRAINING_ARGUMENTS = {
+    "ppo": ("learning_rate", "max_steps", "num_train_epochs", "gradient_accumulation_steps", "max_grad_norm",
+            "lr_scheduler_type", "warmup_steps", "weight_decay", "seed", "bf16", "activation_checkpointing",
+            "logging_steps", "save_steps", "save_total_limit", "report_to"),
+    "reward": ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+               "per_device_eval_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
+               "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "eval_strategy", "eval_steps",
+               "save_strategy", "seed", "bf16", "logging_steps", "report_to", "disable_tqdm"),
+}
 
 
 def reference_markdown() -> str:
@@ -35,17 +39,21 @@ def reference_markdown() -> str:
             for sub in dataclasses.fields(sub_cls):
                 if not sub.init or dataclasses.is_dataclass(typing.get_type_hints(sub_cls).get(sub.name)):
                     continue
-                if sub.name in getattr(sub_cls, "derived_fields", {}) or sub.name in DERIVED_BY_CLASS.get(
-                        sub_cls.__name__, {}):
+                if sub.name in getattr(sub_cls, "derived_fields", {}) or _is_deprecated(sub):
                     continue
-                if path == "ppo" and sub.name in training_fields and sub.name not in _LISTED_TRAINING_ARGUMENTS:
+                listed = _LISTED_TRAINING_ARGUMENTS.get(path)
+                if listed is not None and sub.name in training_fields and sub.name not in listed:
                     continue
                 rows.append(_row(sub.name, sub))
             lines += ["", f"### {path}", ""]
-            if path == "ppo":
-                lines += ["Also accepted: every other `transformers.TrainingArguments` field.", ""]
+            if path in _LISTED_TRAINING_ARGUMENTS:
+                lines += ["Also accepted: every other `transformers.TrainingArguments` field (`optim`, `adam_beta2`, ...).", ""]
             lines += ["| key | default | meaning |", "|---|---|---|", *rows]
     return "\n".join(lines) + "\n"
+
+
+def _is_deprecated(f: dataclasses.Field) -> bool:
+    return str(f.metadata.get("help", "")).startswith("Deprecated")
 
 
 def _is_section(f: dataclasses.Field) -> bool:
@@ -69,5 +77,6 @@ def _row(name: str, f: dataclasses.Field) -> str:
     else:
         default = "(required)"
     shown = "(required)" if default == "(required)" else f"`{json.dumps(default)}`"
-    text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
+    # argparse-escaped percent signs (TrainingArguments' help texts) read as one in the docs
+    text = " ".join(str(f.metadata.get("help", "")).split()).replace("%%", "%").replace("|", "\\|")
     return f"| `{name}` | {shown} | {text} |"

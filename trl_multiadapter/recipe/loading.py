@@ -61,15 +61,34 @@ def load(
         source = str(path)
         data = read_yaml(path)
     try:
-        raw = apply_overrides(copy.deepcopy(data), overrides)
+        raw = copy.deepcopy(data)
+        for text in overrides:
+            try:
+                apply_overrides(raw, [text])
+            except RecipeError as error:
+                raise error.with_source(f"--set {text}") from None
         if output_dir is not None:
             raw["output_dir"] = str(output_dir)
         recipe = build(Recipe, raw, "")
         recipe.source = source
         validate(recipe)
     except RecipeError as error:
-        raise error.with_source(source) if source else error from None
+        raise _blame(error, source, overrides, output_dir) from None
     return recipe
+
+
+def _blame(error: RecipeError, source: str | None, overrides, output_dir) -> RecipeError:
+    """The error with where its value came from: the last ``--set`` that wrote its key, ``--output_dir``,
+    or else the recipe file (a value from the command line is not the file's fault)."""
+    if error.source is not None:
+        return error
+    for text in reversed(list(overrides)):
+        written = ".".join(parse_override(text)[0])
+        if error.key_path == written or error.key_path.startswith((f"{written}.", f"{written}[")):
+            return error.with_source(f"--set {text}")
+    if output_dir is not None and error.key_path == "output_dir":
+        return error.with_source("--output_dir")
+    return error.with_source(source) if source else error
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -22,15 +22,15 @@ def check_runtime(recipe: Recipe) -> None:
 def _check_4bit_runtime() -> None:
     import importlib.util
 
-    import torch
+    from .. import devices
 
-    if not torch.cuda.is_available():
+    if not devices.cuda_available():
         fail("quantization.load_in_4bit", "4-bit loading needs a CUDA GPU, and this machine has none.",
-              "run on a GPU instance, or set quantization.load_in_4bit=false (e.g. --set "
-              "quantization.load_in_4bit=false --set model.dtype=float32 on CPU).")
+             "run on a GPU instance, or set quantization.load_in_4bit=false (e.g. --set "
+             "quantization.load_in_4bit=false --set model.dtype=float32 on CPU).")
     if importlib.util.find_spec("bitsandbytes") is None:
         fail("quantization.load_in_4bit", "4-bit loading needs the bitsandbytes package, which is not installed.",
-              "pip install 'trl-multiadapter[quant]' (or bitsandbytes), or set quantization.load_in_4bit=false.")
+             "pip install 'trl-multiadapter[quant]' (or bitsandbytes), or set quantization.load_in_4bit=false.")
 
 
 def _check_hub_push(export: ExportConfig) -> None:
@@ -38,12 +38,12 @@ def _check_hub_push(export: ExportConfig) -> None:
 
     if constants.HF_HUB_OFFLINE:
         fail("export.push_to_hub", "the Hugging Face Hub is switched off here (HF_HUB_OFFLINE=1).",
-              "unset HF_HUB_OFFLINE, or set export.push_to_hub=false and upload the exported folder later.")
+             "unset HF_HUB_OFFLINE, or set export.push_to_hub=false and upload the exported folder later.")
     if get_token() is None:
         fail("export.push_to_hub", "no Hugging Face token found.",
-              "run `hf auth login` (or set HF_TOKEN), or set export.push_to_hub=false.")
+             "run `hf auth login` (or set HF_TOKEN), or set export.push_to_hub=false.")
     try:
         urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=5)
     except OSError as error:  # URLError, timeouts, DNS failures: all mean "no hub from here"
         fail("export.push_to_hub", f"cannot reach {constants.ENDPOINT} ({type(error).__name__}).",
-              "check the network, or set export.push_to_hub=false and upload the exported folder later.")
+             "check the network, or set export.push_to_hub=false and upload the exported folder later.")

@@ -14,10 +14,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..builtin_models import builtin_size, is_builtin
 from ..data import DEFAULT_SQUAD_SYSTEM_PROMPT
+from ..lora import LoraArguments
 
-BUILTIN_MODEL_PREFIX = "builtin:"
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+# The dtype names a base model loads in (the one list: ModelConfig.dtype and RewardAdapterConfig.dtype).
+BaseDtype = Literal["float32", "bfloat16", "float16", "auto"]
 DEFAULT_STAGES = ("data", "reward", "ppo", "evaluate", "export")
 
 
@@ -37,7 +39,7 @@ class ModelConfig:
         default=None, metadata=_help("Tokenizer hub id or folder; null uses the model's own.")
     )
     revision: str | None = field(default=None, metadata=_help("Hub revision (branch, tag or commit) of the model."))
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
+    dtype: BaseDtype = field(
         default="float32",
         metadata=_help("Dtype of the frozen base weights (and the compute dtype of layers that stay unquantized)."),
     )
@@ -49,11 +51,12 @@ class ModelConfig:
 
     @property
     def is_builtin(self) -> bool:
-        return self.name_or_path.startswith(BUILTIN_MODEL_PREFIX)
+        return is_builtin(self.name_or_path)
 
     @property
     def builtin_size(self) -> str:
-        return self.name_or_path[len(BUILTIN_MODEL_PREFIX) :]
+        """The size of a ``builtin:`` name; ValueError (listing the valid ones) for an unknown size."""
+        return builtin_size(self.name_or_path)
 
 
 @dataclass
@@ -196,12 +199,6 @@ class InstanceConfig:
     )
 
 
-def _reward_section_class():
-    from ..reward import RewardAdapterConfig
-
-    return RewardAdapterConfig
-
-
 @dataclass
 class Recipe:
     model: ModelConfig = field(metadata=_help("The frozen base model every role shares."))
@@ -211,7 +208,10 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig, metadata=_help("Preference pairs and PPO prompts."))
     reward: Any = field(
         default=None,
-        metadata=_help("Reward-adapter stage: RewardAdapterConfig fields.", section=_reward_section_class),
+        metadata=_help(
+            "Reward-adapter stage: RewardAdapterConfig fields (trl.RewardConfig plus the reward LoRA).",
+            section=lambda: reward_section_class(),
+        ),
     )
     ppo: Any = field(
         default=None,
@@ -246,18 +246,23 @@ class Recipe:
         }
 
 
-PPO_LORA_FIELDS = {
-    "lora_r": (int, 16, "LoRA rank of the policy adapter."),
-    "lora_alpha": (int, 32, "LoRA scaling numerator of the policy adapter (scale = alpha / r)."),
-    "lora_dropout": (float, 0.05, "LoRA dropout of the policy adapter (off in every PPO forward pass)."),
-    "lora_target_modules": (str | list[str], "all-linear", "Modules that get the policy LoRA, or 'all-linear'."),
-}
+# The policy LoRA fields of the ppo section (LoraArguments: one declaration for every adapter).
+PPO_LORA_FIELDS = tuple(f.name for f in dataclasses.fields(LoraArguments))
 # Config fields a recipe sets elsewhere: the value comes from that key.
+LAUNCHER_SET = "nothing: accelerate launch sets each process's rank"
 PPO_DERIVED_FIELDS = {
     "output_dir": "output_dir (top level, or --output_dir)",
     "model_init_kwargs": "model.dtype and the quantization section (the ppo stage builds the model)",
+    "local_rank": LAUNCHER_SET,
 }
-REWARD_DERIVED_FIELDS = {"dtype": "model.dtype"}
+REWARD_DERIVED_FIELDS = {
+    "local_rank": LAUNCHER_SET,
+    "output_dir": "output_dir (top level, or --output_dir; the reward stage writes to <output_dir>/reward)",
+    "dtype": "model.dtype",
+    "model_init_kwargs": "model.dtype (the reward stage loads the base model)",
+    "trust_remote_code": "model.trust_remote_code",
+    "use_cpu": "nothing: it is on exactly when no CUDA device is visible",
+}
 
 
 @functools.cache
@@ -265,29 +270,39 @@ def ppo_section_class() -> type:
     """A dataclass with MultiAdapterPPOConfig's fields (types, defaults, help) plus the policy LoRA fields."""
     from ..ppo_config import MultiAdapterPPOConfig
 
-    return _section_class_from("PPOSection", MultiAdapterPPOConfig, PPO_LORA_FIELDS, PPO_DERIVED_FIELDS)
+    return _section_class_from("PPOSection", MultiAdapterPPOConfig, PPO_DERIVED_FIELDS, extra=LoraArguments)
 
 
-def _section_class_from(name: str, config_class: type, extra: dict[str, tuple], derived: dict[str, str]) -> type:
-    hints = typing.get_type_hints(config_class)
+@functools.cache
+def reward_section_class() -> type:
+    """A dataclass with RewardAdapterConfig's fields (its LoRA included), less the derived ones."""
+    from ..reward import RewardAdapterConfig
+
+    return _section_class_from("RewardSection", RewardAdapterConfig, REWARD_DERIVED_FIELDS)
+
+
+def _section_class_from(name: str, config_class: type, derived: dict[str, str], extra: type | None = None) -> type:
+    """A plain dataclass mirroring ``config_class``'s init fields (and ``extra``'s), without ``derived``.
+
+    Plain data: building it runs none of the config class's checks, so a recipe loads on any machine;
+    ``stage_configs`` builds the real config from it.
+    """
     specs = []
-    for f in dataclasses.fields(config_class):
-        if not f.init or f.name in derived or f.name in extra:
-            continue
-        default = (
-            field(default_factory=f.default_factory, metadata=f.metadata)
-            if f.default_factory is not dataclasses.MISSING
-            else field(default=f.default, metadata=f.metadata)
-        )
-        specs.append((f.name, hints[f.name], default))
-    for key, (hint, default, text) in extra.items():
-        if any(key == spec[0] for spec in specs):
-            continue
-        specs.append((key, hint, field(default=default, metadata=_help(text))))
-    cls = dataclasses.make_dataclass(name, specs)
-    cls.config_class = config_class
-    cls.derived_fields = derived
-    return cls
+    for cls in (config_class, extra) if extra is not None else (config_class,):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name in derived or any(f.name == spec[0] for spec in specs):
+                continue
+            default = (
+                field(default_factory=f.default_factory, metadata=f.metadata)
+                if f.default_factory is not dataclasses.MISSING
+                else field(default=f.default, metadata=f.metadata)
+            )
+            specs.append((f.name, hints[f.name], default))
+    section = dataclasses.make_dataclass(name, specs)
+    section.config_class = config_class
+    section.derived_fields = derived
+    return section
 
 
 def to_plain(value: Any) -> Any:

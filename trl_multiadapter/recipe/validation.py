@@ -7,22 +7,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..builtin_models import builtin_size
+from ..lora import lora_field_problems
 from .coercion import describe
 from .errors import fail
 from .sections import DEFAULT_STAGES, DataConfig, ExportConfig, InstanceConfig, ModelConfig, Recipe
-from .stage_configs import build_ppo_config
+from .stage_configs import build_ppo_config, build_reward_config
 
-# Modules whose import registers the built-in data sources and stages that recipes name.
-BUILTIN_ENTRY_MODULES = ("trl_multiadapter.data", "trl_multiadapter.pipeline")
 # Local-path look-alikes: a value with one of these endings names a file that must exist.
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet", ".csv")
 
 
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that need no hardware: files, registry names, batch arithmetic, consistency."""
-    recipe.reward.dtype = recipe.model.dtype  # one base model: the reward stage loads it like every other
     _check_model(recipe.model)
     _check_data(recipe.data)
+    _check_reward(recipe)
     _check_ppo(recipe.ppo)
     _check_positive(recipe.evaluate, "evaluate", ("num_prompts", "batch_size", "max_new_tokens"))
     _check_nonnegative(recipe.evaluate, "evaluate", ("num_shown_samples",))
@@ -59,46 +59,34 @@ def _check_local_path(key_path: str, path: str | None, what: str) -> None:
         return
     if not Path(os.path.expanduser(path)).exists():
         fail(key_path, f"{what} {path!r} does not exist (relative paths are read from {os.getcwd()}).",
-              "correct the path, or give a hub id instead.")
+             "correct the path, or give a hub id instead.")
 
 
 def _check_model(model: ModelConfig) -> None:
     if model.is_builtin:
-        from ..testing import MODEL_SIZES
-
-        if model.builtin_size not in MODEL_SIZES:
-            close = difflib.get_close_matches(model.builtin_size, list(MODEL_SIZES), n=1)
-            fail("model.name_or_path", f"unknown builtin model {model.name_or_path!r}."
-                  + (f" Did you mean 'builtin:{close[0]}'?" if close else ""),
-                  "use one of: " + ", ".join(f"builtin:{size}" for size in MODEL_SIZES) + ".")
+        try:
+            builtin_size(model.name_or_path)
+        except ValueError as error:
+            fail("model.name_or_path", str(error), "use one of the names listed, a hub id or a local folder.")
         return
     _check_local_path("model.name_or_path", model.name_or_path, "model folder")
     _check_local_path("model.tokenizer", model.tokenizer, "tokenizer folder")
 
 
-def _ensure_builtin_entries() -> None:
-    """Register the built-in data sources and stages (their modules register on import)."""
-    import importlib
-
-    for module in BUILTIN_ENTRY_MODULES:
-        importlib.import_module(module)
-
-
 def _check_data(data: DataConfig) -> None:
     from ..registry import data_sources
 
-    _ensure_builtin_entries()
     for name, section in (("preference", data.preference), ("prompts", data.prompts)):
         if section.source not in data_sources:
             close = difflib.get_close_matches(section.source, data_sources.names(), n=1)
             fail(f"data.{name}.source", f"unknown data source {section.source!r}."
-                  + (f" Did you mean {close[0]!r}?" if close else ""),
-                  f"use one of: {', '.join(data_sources.names())} (plugins add more).")
+                 + (f" Did you mean {close[0]!r}?" if close else ""),
+                 f"use one of: {', '.join(data_sources.names())} (plugins add more).")
         _check_local_path(f"data.{name}.path", section.path, "data file")
         _check_positive(section, f"data.{name}", ("max_train_samples", "max_eval_samples"))
     if data.preference.max_length < 2:
         fail("data.preference.max_length", f"must be at least 2, got {data.preference.max_length}.",
-              "use the longest sequence the reward adapter should see, e.g. 512.")
+             "use the longest sequence the reward adapter should see, e.g. 512.")
     _check_positive(data.prompts, "data.prompts", ("max_prompt_length",))
 
 
@@ -122,23 +110,27 @@ def check_batch_arithmetic(batch_size: int, mini_batch_size: int, gradient_accum
         )
 
 
+def _check_reward(recipe: Recipe) -> None:
+    # The config class's own checks (TrainingArguments' included), independent of this machine: the
+    # recipe's instance has the GPUs, bf16 on a CPU laptop is fine in a dry run.
+    build_reward_config(recipe.reward, recipe.model, output_dir="<dry-run>", use_cpu=True)
+
+
 def _check_ppo(ppo: Any) -> None:
     check_batch_arithmetic(ppo.batch_size, ppo.mini_batch_size, ppo.gradient_accumulation_steps)
-    if ppo.lora_r < 1 or ppo.lora_alpha < 1:
-        key = "lora_r" if ppo.lora_r < 1 else "lora_alpha"
-        fail(f"ppo.{key}", f"must be at least 1, got {getattr(ppo, key)}.", "use a positive number, e.g. 16.")
-    if not 0.0 <= ppo.lora_dropout < 1.0:
-        fail("ppo.lora_dropout", f"must be in [0, 1), got {ppo.lora_dropout}.", "use e.g. 0.05.")
+    for key, problem in lora_field_problems(ppo):
+        fail(f"ppo.{key}", problem, "use e.g. lora_r: 16, lora_alpha: 32, lora_dropout: 0.0.")
     for key in ("policy_adapter",):
         _check_local_path(f"ppo.{key}", getattr(ppo, key, None), "adapter folder")
     # The config class's own checks, made independent of this machine (bf16 on a CPU laptop is fine
     # in a dry run: the recipe's instance has the GPUs).
     build_ppo_config(ppo, output_dir="<dry-run>", use_cpu=True)
 
+
 def _check_export(export: ExportConfig) -> None:
     if export.push_to_hub and not export.hub_model_id:
         fail("export.hub_model_id", "is required when export.push_to_hub is true.",
-              "set export.hub_model_id to 'your-user/your-model', or set export.push_to_hub to false.")
+             "set export.hub_model_id to 'your-user/your-model', or set export.push_to_hub to false.")
 
 
 def _check_instance(instance: InstanceConfig) -> None:
@@ -154,33 +146,32 @@ def _check_instance(instance: InstanceConfig) -> None:
     gpus_needed = launch.processes_per_machine if not launch.use_cpu else 0
     if gpus_needed > max(instance.num_gpus, 0) and launch.uses_gpus:
         fail("instance.accelerate_config",
-              f"{instance.accelerate_config!r} starts {gpus_needed} GPU processes per machine but "
-              f"instance.num_gpus is {instance.num_gpus}.",
-              "pick an accelerate config with at most instance.num_gpus processes, or correct instance.num_gpus.")
+             f"{instance.accelerate_config!r} starts {gpus_needed} GPU processes per machine but "
+             f"instance.num_gpus is {instance.num_gpus}.",
+             "pick an accelerate config with at most instance.num_gpus processes, or correct instance.num_gpus.")
 
 
 def _check_stages(recipe: Recipe) -> None:
     from ..registry import stages
 
-    _ensure_builtin_entries()
     if not recipe.stages:
         fail("stages", "is empty.", f"list the stages to run, e.g. {list(DEFAULT_STAGES)}.")
     for index, name in enumerate(recipe.stages):
         if name not in stages:
             close = difflib.get_close_matches(name, stages.names(), n=1)
             fail(f"stages[{index}]", f"unknown stage {name!r}." + (f" Did you mean {close[0]!r}?" if close else ""),
-                  f"use registered stages: {', '.join(stages.names())} (plugins add more).")
+                 f"use registered stages: {', '.join(stages.names())} (plugins add more).")
     if len(set(recipe.stages)) != len(recipe.stages):
         fail("stages", "lists a stage twice.", "keep each stage once.")
     for name in recipe.stage_options:
         if name not in recipe.stages:
             fail(f"stage_options.{name}", f"gives options for {name!r}, which is not in stages.",
-                  f"add {name!r} to stages, or remove its options.")
+                 f"add {name!r} to stages, or remove its options.")
     _check_reward_functions(recipe.stage_options.get("ppo", {}).get("reward_funcs"))
     order = [name for name in DEFAULT_STAGES if name in recipe.stages]
     if order != [name for name in recipe.stages if name in DEFAULT_STAGES]:
         fail("stages", f"lists the built-in stages out of order: {recipe.stages}.",
-              f"keep the order {list(DEFAULT_STAGES)}; plugin stages may go anywhere.")
+             f"keep the order {list(DEFAULT_STAGES)}; plugin stages may go anywhere.")
 
 
 def _check_reward_functions(names: Any) -> None:
@@ -191,11 +182,11 @@ def _check_reward_functions(names: Any) -> None:
     key = "stage_options.ppo.reward_funcs"
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         fail(key, f"must be a list of reward function names, got {describe(names)}.",
-              "write e.g. reward_funcs: [keyword_reward].")
+             "write e.g. reward_funcs: [keyword_reward].")
     for index, name in enumerate(names):
         if name not in reward_functions:
             close = difflib.get_close_matches(name, reward_functions.names(), n=1)
             fail(f"{key}[{index}]", f"unknown reward function {name!r}."
-                  + (f" Did you mean {close[0]!r}?" if close else ""),
-                  f"use registered reward functions: {', '.join(reward_functions.names()) or '(none)'} "
-                  "(plugins add more).")
+                 + (f" Did you mean {close[0]!r}?" if close else ""),
+                 f"use registered reward functions: {', '.join(reward_functions.names()) or '(none)'} "
+                 "(plugins add more).")
