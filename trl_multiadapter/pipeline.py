@@ -259,11 +259,12 @@ def _distributed_launch() -> bool:
 
 
 def _partial_state():
-    import torch
     from accelerate import PartialState
 
+    from .devices import use_cpu
+
     # Without CUDA, accelerate only forms a gloo group when asked for CPU explicitly.
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=use_cpu())
 
 
 def _barrier() -> None:

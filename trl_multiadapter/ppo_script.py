@@ -22,9 +22,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .lora import LoraArguments
+
 
 @dataclass
-class PPOScriptArguments:
+class PPOScriptArguments(LoraArguments):
+    """The flat config's model, data and policy-LoRA fields (the LoRA fields come from ``lora.LoraArguments``)."""
+
     model_name_or_path: str = field(
         default=None, metadata={"help": "Base causal LM: hub id, local folder, or builtin:tiny."}
     )
@@ -38,12 +42,6 @@ class PPOScriptArguments:
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     dtype: str = field(default="float32", metadata={"help": "Dtype of the frozen base weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the policy adapter."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the policy adapter."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout of the policy adapter."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules that get the policy LoRA; default: every linear layer."}
-    )
 
 
 def parse_flat_config(config_path: str | os.PathLike, output_dir: str | None = None):
@@ -77,15 +75,13 @@ def load_prompts(name: str, split: str):
 
 def run_flat_ppo(config_path: str | os.PathLike, output_dir: str | None = None) -> Path:
     """Train the policy adapter with a flat config; returns the folder of the final adapters."""
-    from peft import LoraConfig, TaskType
-
     from .checkpointing import latest_checkpoint
+    from .lora import policy_lora_config
     from .ppo_trainer import MultiAdapterPPOTrainer
 
     args, script = parse_flat_config(config_path, output_dir)
     args.model_init_kwargs = {"dtype": script.dtype, **(args.model_init_kwargs or {})}
-    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=script.lora_r, lora_alpha=script.lora_alpha,
-                      lora_dropout=script.lora_dropout, target_modules=script.lora_target_modules or "all-linear")
+    lora = policy_lora_config(script)
     # The trainer's one builder resolves ids, folders and builtin: names, seeded by args.seed.
     trainer = MultiAdapterPPOTrainer(model=script.model_name_or_path, args=args, reward_adapter=script.reward_adapter,
                                      peft_config=None if args.policy_adapter else lora,
