@@ -27,7 +27,11 @@ echo "== installing $TORCH_SPEC (first, so nothing else picks another torch)"
 "$PY" -m pip install --quiet "$TORCH_SPEC"
 echo "== installing trl-multiadapter[test,quant] (editable)"
 "$PY" -m pip install --quiet -e ".[test,quant]"
+"$PY" -m pip install --quiet "ruff>=0.6"
 echo "== installed in ${SECONDS}s"
+
+echo "== ruff check"
+"$PY" -m ruff check "$ROOT"
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
 echo "== pytest"
