@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+PROCESS_START = time.perf_counter()  # the time limit counts from here: imports are part of the run
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -131,9 +132,10 @@ def llama_config(size: str, vocab_size: int):
     }[size]
     return LlamaConfig(
         vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, attention_dropout=0.0,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0 if size == "8b" else 32.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
+        # The legacy names: transformers 5 maps them to `rope_parameters` (every 5.x release takes them).
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0 if size == "8b" else 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         bos_token_id=special.bos_token_id, eos_token_id=special.eos_token_id, pad_token_id=special.pad_token_id,
         **shapes,
     )
@@ -335,7 +337,7 @@ class Report:
         self.json_path = output_dir / f"{stem}.json"
         self.md_path = output_dir / f"{stem}.md"
         self.data = data
-        self.started = time.perf_counter()
+        self.started = PROCESS_START
 
     def say(self, line: str) -> None:
         print(line, flush=True)
@@ -1126,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
                    "warmup_iterations": options.warmup, "timed_iterations": options.iterations,
                    "time_limit_s": options.time_limit_s, "arms": list(options.arms),
                    "gradient_bound": GRADIENT_BOUND},
-        "checks": {}, "timeline": [], "lines": [], "notes": [],
+        "checks": {}, "timeline": [], "lines": [],
     })
 
     def on_term(signum, frame):
@@ -1164,8 +1166,8 @@ def parse_args(argv) -> Options | None:
     parser.add_argument("--prompt-length", type=int, default=256, help="longest prompt in tokens (hh_squad: ~256)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed PPO iterations per arm")
     parser.add_argument("--iterations", type=int, default=2, help="timed PPO iterations per arm")
-    parser.add_argument("--time-limit", type=float, default=270.0,
-                        help="seconds for the whole script; later parts are skipped past it")
+    parser.add_argument("--time-limit", type=float, default=260.0,
+                        help="seconds for the whole script (from its start); parts that would not fit are skipped")
     parser.add_argument("--arms", default="nf4,bf16", help="comma-separated: nf4 (4-bit, CUDA only), bf16")
     parser.add_argument("--ddp-on-cpu", action="store_true",
                         help="run check 3 as 2 CPU processes on gloo (to test the worker without GPUs)")
@@ -1235,7 +1237,7 @@ def run_checks(options: Options, report: Report) -> None:
     from trl_multiadapter.recipe import load
 
     device = options.device
-    deadline = time.perf_counter() + options.time_limit_s
+    deadline = PROCESS_START + options.time_limit_s
     context_bytes = None
     if device == "cuda":
         torch.cuda.init()

@@ -11,7 +11,7 @@
 # 2. runs gpu_check.py --device cuda --size 8b and writes gpu_<device>.json/.md and gpu_check.log to
 #    OUTPUT_DIR (default: $OUT when set, else benchmarks/results).
 #
-# Environment: GPU_CHECK_SIZE (8b | 1b | tiny), GPU_CHECK_TIME_LIMIT (seconds for the Python part, 270),
+# Environment: GPU_CHECK_SIZE (8b | 1b | tiny), GPU_CHECK_TIME_LIMIT (seconds for the Python part, 260),
 # PYTHON (python3), GPU_CHECK_WHEELS (benchmarks/wheels), GPU_CHECK_SITE (/tmp/gpu_check_site).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,7 +22,7 @@ python=${PYTHON:-python3}
 wheels=${GPU_CHECK_WHEELS:-benchmarks/wheels}
 site=${GPU_CHECK_SITE:-/tmp/gpu_check_site}
 size=${GPU_CHECK_SIZE:-8b}
-limit=${GPU_CHECK_TIME_LIMIT:-270}
+limit=${GPU_CHECK_TIME_LIMIT:-260}
 mkdir -p "$out"
 
 # Always the carried versions of these three; the small dependencies only where the machine has none.
