@@ -553,28 +553,35 @@ class PhaseProbe:
         return self.overall_allocated, self.overall_reserved
 
 
-def synced_trainer_class(probe: PhaseProbe):
-    """``MultiAdapterPPOTrainer`` whose phase timers go through ``probe`` (None when the trainer no longer
-    has its ``_timed`` hook: phases are then timed unsynchronised, and the JSON says so)."""
-    from trl_multiadapter import MultiAdapterPPOTrainer
+def instrument_phase_timers(trainer, probe: PhaseProbe) -> bool:
+    """Route the trainer's ``time/...`` phase timers through ``probe`` (an instance attribute shadows the
+    timer's method, so the trainer's own calls go through it). False when the trainer has no known timer
+    hook (``timings.measure``, or ``_timed`` in older versions): phases are then timed unsynchronised and
+    the JSON says so; the CPU test fails on it, so the hook is found again before a GPU run."""
+    timings = getattr(trainer, "timings", None)
+    if timings is not None and callable(getattr(timings, "measure", None)):
+        timings.measure = _probed(timings.measure, probe)
+        return True
+    if callable(getattr(trainer, "_timed", None)):
+        trainer._timed = _probed(trainer._timed, probe)
+        return True
+    return False
 
-    if not callable(getattr(MultiAdapterPPOTrainer, "_timed", None)):
-        return None
 
-    class SyncedPPOTrainer(MultiAdapterPPOTrainer):
-        @contextlib.contextmanager
-        def _timed(self, name: str):
-            probe.enter()
-            try:
-                with super()._timed(name):
-                    try:
-                        yield
-                    finally:
-                        synchronize(probe.device)
-            finally:
-                probe.leave(name.removeprefix("time/rollout/").removeprefix("time/"))
+def _probed(measure, probe: PhaseProbe):
+    @contextlib.contextmanager
+    def probed(name: str):
+        probe.enter()
+        try:
+            with measure(name):
+                try:
+                    yield
+                finally:
+                    synchronize(probe.device)  # inside the timer: the phase's kernels count for the phase
+        finally:
+            probe.leave(name.removeprefix("time/rollout/").removeprefix("time/"))
 
-    return SyncedPPOTrainer
+    return probed
 
 
 # ====================================================================================================
@@ -586,8 +593,9 @@ def asset_manifest(size: str, config) -> dict:
     return {"version": ASSET_VERSION, "size": size, "config_sha": digest}
 
 
-def ensure_assets(size: str, work_dir: Path, device: str, reward_rank: int, reward_alpha: int, report: Report) -> Path:
-    """``work_dir/<size>``: base model (bf16 safetensors) + tokenizer, ``reward_adapter/``; reused when built."""
+def ensure_assets(size: str, work_dir: Path, device: str, reward_lora, report: Report) -> Path:
+    """``work_dir/<size>``: base model (bf16 safetensors) + tokenizer, ``reward_adapter/`` (``reward_lora``:
+    its peft ``LoraConfig``); reused when built for the same config."""
     import torch
 
     from trl_multiadapter.testing import build_tiny_tokenizer
@@ -595,7 +603,10 @@ def ensure_assets(size: str, work_dir: Path, device: str, reward_rank: int, rewa
     tokenizer = build_tiny_tokenizer()
     config = llama_config(size, vocab_size=len(tokenizer))
     folder = work_dir / size
-    manifest = {**asset_manifest(size, config), "reward_rank": reward_rank, "reward_alpha": reward_alpha}
+    manifest = {**asset_manifest(size, config),
+                "reward_lora": {"r": reward_lora.r, "alpha": reward_lora.lora_alpha,
+                                "targets": sorted(reward_lora.target_modules) if not isinstance(
+                                    reward_lora.target_modules, str) else reward_lora.target_modules}}
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
         report.say(f"setup: reusing the saved {size} model in {folder}")
@@ -612,7 +623,7 @@ def ensure_assets(size: str, work_dir: Path, device: str, reward_rank: int, rewa
     model.generation_config.bos_token_id = config.bos_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    write_reward_adapter(model, folder / "reward_adapter", reward_rank, reward_alpha, seed=1)
+    write_reward_adapter(model, folder / "reward_adapter", reward_lora, seed=1)
     params = sum(p.numel() for p in model.parameters())
     del model
     free_memory(device)
@@ -622,19 +633,27 @@ def ensure_assets(size: str, work_dir: Path, device: str, reward_rank: int, rewa
     return folder
 
 
-def write_reward_adapter(model, folder: Path, rank: int, alpha: int, seed: int) -> None:
-    """A PEFT SEQ_CLS LoRA adapter on every decoder linear layer with a 1-label score head, random weights,
-    in the layout ``trl.RewardTrainer`` saves (what ``MultiAdapterModel.from_pretrained(reward_adapter=)`` reads)."""
+def write_reward_adapter(model, folder: Path, lora_config, seed: int) -> None:
+    """A PEFT SEQ_CLS LoRA adapter (``lora_config``, from the recipe's reward section) with its 1-label score
+    head and random weights, in the layout ``trl.RewardTrainer`` saves (what
+    ``MultiAdapterModel.from_pretrained(reward_adapter=)`` reads). Targets are resolved to module names, as
+    peft writes them after training."""
+    import copy
+
     import torch
-    from peft import LoraConfig
     from safetensors.torch import save_file
 
+    wanted = lora_config.target_modules
+    rank = lora_config.r
     generator = torch.Generator().manual_seed(seed)
     state, targets = {}, set()
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is model.get_output_embeddings():
             continue
-        targets.add(name.rsplit(".", 1)[-1])
+        short = name.rsplit(".", 1)[-1]
+        if wanted != "all-linear" and short not in wanted:
+            continue
+        targets.add(short)
         n_in, n_out = module.in_features, module.out_features
         state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, n_in, generator=generator) / n_in**0.5
         state[f"base_model.model.{name}.lora_B.weight"] = 0.02 * torch.randn(n_out, rank, generator=generator)
@@ -643,8 +662,9 @@ def write_reward_adapter(model, folder: Path, rank: int, alpha: int, seed: int) 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
               metadata={"format": "pt"})
-    LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=sorted(targets),
-               modules_to_save=["score"], bias="none").save_pretrained(str(folder))
+    config = copy.deepcopy(lora_config)
+    config.target_modules = sorted(targets)
+    config.save_pretrained(str(folder))
 
 
 # ====================================================================================================
@@ -699,14 +719,20 @@ def load_model(arm: str, recipe, model_dir: Path, device: str):
     )
 
 
+def lora_targets(section) -> str | list[str]:
+    """A recipe section's LoRA target modules (``lora_target_modules``; ``target_modules`` in older recipes)."""
+    targets = getattr(section, "lora_target_modules", None) or getattr(section, "target_modules", None)
+    return targets or "all-linear"
+
+
 def iteration_shapes(recipe, prompt_length: int, dims) -> IterationShapes:
     ppo = recipe.ppo
     return IterationShapes(
         batch_size=ppo.batch_size, mini_batch_size=ppo.mini_batch_size,
         gradient_accumulation_steps=ppo.gradient_accumulation_steps, ppo_epochs=ppo.ppo_epochs,
         prompt_length=prompt_length, new_tokens=ppo.max_new_tokens,
-        policy_lora_params=dims.lora_params(ppo.lora_r, ppo.lora_target_modules),
-        reward_lora_params=dims.lora_params(recipe.reward.lora_r, recipe.reward.target_modules),
+        policy_lora_params=dims.lora_params(ppo.lora_r, lora_targets(ppo)),
+        reward_lora_params=dims.lora_params(recipe.reward.lora_r, lora_targets(recipe.reward)),
         activation_checkpointing=bool(getattr(ppo, "activation_checkpointing", False)),
     )
 
@@ -894,13 +920,13 @@ def run_ppo_arm(model, arm: str, recipe, tokenizer, shapes: IterationShapes, dev
     from trl_multiadapter.recipe import build_ppo_config
 
     probe = PhaseProbe(device)
-    trainer_class = synced_trainer_class(probe)  # on CPU its synchronisation is a no-op: same code path
     # The recipe's PPO settings; fixed-length responses (no stop token) so every iteration does the same work.
     config = build_ppo_config(
         recipe.ppo, output_dir=str(work_dir / f"ppo_{arm}"), use_cpu=device == "cpu", max_steps=warmup + iterations,
         stop_token=None, save_strategy="no", report_to="none", disable_tqdm=True,
     )
-    trainer = (trainer_class or MultiAdapterPPOTrainer)(model=model, args=config, processing_class=tokenizer)
+    trainer = MultiAdapterPPOTrainer(model=model, args=config, processing_class=tokenizer)
+    instrumented = instrument_phase_timers(trainer, probe)  # on CPU the synchronisation is a no-op: same path
     records, started = [], time.perf_counter()
     for index in range(warmup + iterations):
         if index == warmup:
@@ -922,8 +948,9 @@ def run_ppo_arm(model, arm: str, recipe, tokenizer, shapes: IterationShapes, dev
     mean_prompt = statistics.mean(r["mean_prompt_tokens"] for r in records)
     result = {
         "status": "measured", "timed_iterations": len(records), "warmup_iterations": warmup,
+        "phase_timers_instrumented": instrumented,
         "phase_timing": "host clock" if device == "cpu" else (
-            "cuda-synchronised" if trainer_class else "host clock, NOT synchronised (the trainer has no _timed hook)"),
+            "cuda-synchronised" if instrumented else "host clock, NOT synchronised (no timer hook found)"),
         "seconds": seconds,
         "tokens_per_s": {
             "generated": shapes.batch_size * shapes.new_tokens / seconds["generation"],
@@ -1256,8 +1283,9 @@ def run_checks(options: Options, report: Report) -> None:
                f"{ceilings['bandwidth'] / 1e9:.0f} GB/s copy")
 
     start = time.perf_counter()
-    reward = load(RECIPE).reward
-    model_dir = ensure_assets(options.size, options.work_dir, device, reward.lora_r, reward.lora_alpha, report)
+    from trl_multiadapter.lora import reward_lora_config
+
+    model_dir = ensure_assets(options.size, options.work_dir, device, reward_lora_config(load(RECIPE).reward), report)
     report.part("setup", time.perf_counter() - start)
     from transformers import AutoConfig, AutoTokenizer
 

@@ -103,6 +103,8 @@ def test_phase_split_adds_up_to_the_iteration(cpu_run):
     shapes = arm["shapes"]
     records = arm["iterations"]
     assert arm["timed_iterations"] == len(records) == 2 and arm["warmup_iterations"] == 1
+    # the hook that CUDA-synchronises phases on a GPU was found (else a GPU run would time phases unsynchronised)
+    assert arm["phase_timers_instrumented"] is True and arm["phase_timing"] == "host clock"
     for record in records:
         seconds = record["seconds"]
         assert all(seconds[name] >= 0 for name in PHASES)
