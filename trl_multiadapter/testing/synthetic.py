@@ -39,32 +39,36 @@ FINAL_ANSWER_WORDS = (4, 10)  # inclusive range of words in a final assistant an
 # ----------------------------------------------------------------------------------------------- hh-rlhf
 
 
-def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0) -> Path:
+def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neutral_rejected: float = 0.0) -> Path:
     """Write ``n`` synthetic preference pairs in Anthropic hh-rlhf's format and return the path.
 
     One JSON object per line, ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``;
     gzip-compressed when ``path`` ends in ``.jsonl.gz``. Conversations have one to three user turns; some
     turns have several paragraphs and some contain the word "Human:" inside their text. Chosen and rejected
     share every turn but the final assistant answer (4-10 words), which uses ``HELPFUL_WORDS`` when chosen
-    and ``DISMISSIVE_WORDS`` when rejected.
+    and ``DISMISSIVE_WORDS`` when rejected. With ``neutral_rejected`` = p, a share p of the rejected answers
+    fills the same positions with neutral words instead: a pairwise reward can then not rank by the
+    dismissive words alone and must also value the helpful ones (an empty or neutral answer is not "good").
     """
+    if not 0.0 <= neutral_rejected <= 1.0:
+        raise ValueError(f"neutral_rejected must be in [0, 1], got {neutral_rejected}")
     path = Path(path)
     _check_suffix(path, HH_SUFFIXES, "write_tiny_hh_rlhf")
     _check_count(n)
     rng = random.Random(seed)
-    lines = (json.dumps(_hh_pair(rng)) for _ in range(n))
+    lines = (json.dumps(_hh_pair(rng, neutral_rejected)) for _ in range(n))
     _write_lines(path, lines)
     return path
 
 
-def _hh_pair(rng: random.Random) -> dict[str, str]:
+def _hh_pair(rng: random.Random, neutral_rejected: float = 0.0) -> dict[str, str]:
     exchanges = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
     turns: list[tuple[str, str]] = []
     for index in range(exchanges):
         turns.append(("Human", _user_turn(rng)))
         if index < exchanges - 1:
             turns.append(("Assistant", _assistant_turn(rng)))
-    chosen_answer, rejected_answer = _final_answers(rng)
+    chosen_answer, rejected_answer = _final_answers(rng, neutral_rejected)
     prompt = _render_turns(turns)
     return {
         "chosen": prompt + _render_turns([("Assistant", chosen_answer)]),
@@ -107,7 +111,7 @@ def _assistant_turn(rng: random.Random) -> str:
     return f"The {topic} is {adjective} and you can {verb} it."
 
 
-def _final_answers(rng: random.Random) -> tuple[str, str]:
+def _final_answers(rng: random.Random, neutral_rejected: float = 0.0) -> tuple[str, str]:
     """Chosen and rejected answers on one neutral skeleton; about half the words are planted."""
     length = rng.randint(*FINAL_ANSWER_WORDS)
     planted_positions = set(rng.sample(range(length), max(2, length // 2)))
@@ -119,7 +123,9 @@ def _final_answers(rng: random.Random) -> tuple[str, str]:
         text = " ".join(word if word is not None else rng.choice(planted_words) for word in skeleton)
         return text[0].upper() + text[1:] + ending
 
-    return fill(words.HELPFUL_WORDS), fill(words.DISMISSIVE_WORDS)
+    # Drawn only when asked for, so the default keeps every earlier seed's output unchanged.
+    neutral = neutral_rejected > 0 and rng.random() < neutral_rejected
+    return fill(words.HELPFUL_WORDS), fill(_FILLER if neutral else words.DISMISSIVE_WORDS)
 
 
 # ------------------------------------------------------------------------------------------------- SQuAD
