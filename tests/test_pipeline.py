@@ -98,9 +98,12 @@ def test_aligned_policy_beats_the_base_on_held_out_prompts(tiny_run):
     metrics = read_json(tiny_run / "evaluate" / "metrics.json")
     assert set(metrics) >= {"base", "aligned", "win_rate", "num_prompts"}
     for policy in ("base", "aligned"):
-        assert set(metrics[policy]) >= {"mean_reward", "kl", "response_length", "stop_rate", "exact_match", "f1"}
+        assert set(metrics[policy]) >= {"mean_reward", "kl_full", "response_length", "response_length_median",
+                                        "response_length_p10", "response_length_p90", "stop_rate", "exact_match",
+                                        "f1"}
+        assert "kl" not in metrics[policy]  # the full-vocabulary KL is named for what it is
     assert metrics["aligned"]["mean_reward"] > metrics["base"]["mean_reward"]
-    assert metrics["base"]["kl"] == 0.0 and metrics["aligned"]["kl"] > 0.0
+    assert metrics["base"]["kl_full"] == 0.0 and metrics["aligned"]["kl_full"] > 0.0
     # Recompute the aggregates from the per-prompt samples (all of them were written).
     samples = [json.loads(line) for line in (tiny_run / "evaluate" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == metrics["num_prompts"]
@@ -137,10 +140,12 @@ def test_exported_policy_loads_with_plain_peft_and_generates(tiny_run):
     output = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)
     assert output.shape[1] > len(ids)
-    card = (policy_dir / "README.md").read_text()
+    card = (tiny_run / "export" / "README.md").read_text()  # one real card at the top of the export ...
+    assert (policy_dir / "README.md").read_text() == card  # ... and in the folder the hub push uploads
     for heading in ("## Data", "## Hyperparameters", "## Metrics", "## Intended use", "LORA_ADAPTERS",
-                    "--lora-modules"):
+                    "--lora-modules", "built-in tiny model `builtin:tiny`", "kl_full"):
         assert heading in card
+    assert "[More Information Needed]" not in card and str(tiny_run.parent) not in card
     assert (tiny_run / "export" / "value_head.safetensors").is_file()
     assert (tiny_run / "export" / "reward" / "adapter_model.safetensors").is_file()
 
