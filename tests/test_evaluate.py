@@ -32,6 +32,7 @@ from trl_multiadapter.testing import build_tiny_model, tiny_llama_config
 from trl_multiadapter.testing.words import DISMISSIVE_WORDS, HELPFUL_WORDS
 
 PAD_ID = 5
+EOT_ID = 4  # <|eot_id|>: where the tiny chat template ends an assistant turn
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -121,8 +122,11 @@ def test_evaluation_samples_what_ppo_samples_whatever_the_generation_config_says
             responses = [response.tolist() for response in rollout.responses()]
             batch = records[start:start + 3]
             assert [record[f"{name}_response_ids"] for record in batch] == responses
-            expected_scores = model.score(rollout.input_ids, rollout.attention_mask).tolist()
-            assert [record[f"{name}_reward"] for record in batch] == pytest.approx(expected_scores, abs=1e-6)
+            # scored as PPO scores: a final stop token becomes the template's end of turn, <|eot_id|>
+            expected_scores = [float(model.score(torch.tensor([prompt + (
+                response[:-1] + [EOT_ID] if response[-1] in settings.stop_token_ids else response)]))[0])
+                for prompt, response in zip(rows, responses)]
+            assert [record[f"{name}_reward"] for record in batch] == pytest.approx(expected_scores, abs=1e-5)
             if name == "aligned":
                 expected_kl += [direct_kl(aligned_lm, base_lm, prompt, response, 1.0)
                                 for prompt, response in zip(rows, responses)]
@@ -158,6 +162,11 @@ def test_metrics_follow_from_the_per_prompt_records(model, prompts, tiny_tokeniz
         assert metrics[name]["stop_rate"] == pytest.approx(sum(stopped) / len(stopped))
         rewards = [record[f"{name}_reward"] for record in records]
         assert metrics[name]["mean_reward"] == pytest.approx(sum(rewards) / len(rewards))
+        # scored in the reward's training format: the stop token that ended a response becomes <|eot_id|>
+        expected = [float(model.score(torch.tensor([prompt + (response[:-1] + [EOT_ID] if stop else response)]))[0])
+                    for prompt, response, stop in zip(prompts["input_ids"], ids, stopped)]
+        assert rewards == pytest.approx(expected, abs=1e-5)
+        assert any(stopped) and any(response[-1] != EOT_ID for response in ids)
         assert list(metrics[name])[0] == "ground_truth_rate"  # the headline comes first
     wins = [1.0 if r["aligned_reward"] > r["base_reward"] else 0.5 if r["aligned_reward"] == r["base_reward"] else 0.0
             for r in records]

@@ -8,7 +8,8 @@ says. ``base`` is the reference role: the base with adapters disabled, or the fr
 
 Per policy:
 
-* ``mean_reward``: the reward adapter's score of prompt + response (read at the last response token);
+* ``mean_reward``: the reward adapter's score of prompt + response, as PPO scores it (a stop token is
+  replaced by the chat template's end-of-turn tokens: the format the reward was trained on);
 * ``kl_full``: KL(policy || reference) of each response, exact over the vocabulary at every response
   token (``ppo_math.sequence_kl(..., "full")`` on teacher-forced logits at the sampling temperature),
   averaged over prompts; exactly 0 for the base, which is the reference. (The trainer's ``evaluate()``
@@ -50,18 +51,28 @@ GroundTruthMetric = Callable[..., dict[str, float]]
 def sampling_settings(ppo, evaluate, tokenizer, model):
     """PPO's ``SamplingSettings`` from the recipe's ``ppo`` section; ``evaluate`` may shorten the responses
     (``max_new_tokens``) or decode greedily (``do_sample: false``). Stop ids as the trainer resolves them."""
+    from .prompts import pad_token_id
     from .rollout import SamplingSettings, stop_token_ids
 
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return SamplingSettings(
         max_new_tokens=evaluate.max_new_tokens or ppo.max_new_tokens,
         temperature=ppo.temperature,
         top_k=ppo.top_k,
         top_p=ppo.top_p,
         stop_token_ids=stop_token_ids(tokenizer, model, ppo.stop_token),
-        pad_token_id=pad_token_id if pad_token_id is not None else 0,  # a filler: masks decide what is padding
+        pad_token_id=pad_token_id(tokenizer),
         do_sample=evaluate.do_sample,
     )
+
+
+def reward_scores(model, tokenizer, settings, end_of_turn_token: str | None = "auto") -> Callable[[Any], torch.Tensor]:
+    """rollout -> (B,) scores of the reward adapter exactly as PPO scores: on the training format (a stop token
+    replaced by the chat template's end-of-turn tokens, ``scoring.RewardAdapterScores``)."""
+    from .scoring import RewardAdapterScores, end_of_turn_ids
+
+    scorer = RewardAdapterScores(model, settings.pad_token_id, settings.stop_token_ids,
+                                 end_of_turn_ids(tokenizer, end_of_turn_token))
+    return lambda rollout: scorer(rollout, {})
 
 
 def mixed_precision(ppo, device: torch.device):
@@ -174,18 +185,19 @@ class _PolicyRecord:
 
 
 def evaluate_policies(model, tokenizer, prompts, settings, *, batch_size: int, seed: int,
-                      ground_truth: GroundTruthMetric | None = None,
+                      ground_truth: GroundTruthMetric | None = None, end_of_turn_token: str | None = "auto",
                       score: Callable[[Any], torch.Tensor] | None = None,
                       ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[float]]]:
     """Metrics (the metrics.json shape), per-prompt records and per-policy score lists.
 
     prompts: a dataset with ``input_ids`` (and ``answers`` for SQuAD scores); settings: PPO's
     ``SamplingSettings``. Batch ``k`` (prompts ``start:start + batch_size``) samples both policies with
-    seed ``seed + start``. score: rollout -> (B,) scores; default: the reward adapter on the rollout's ids.
+    seed ``seed + start``. score: rollout -> (B,) scores; default: the reward adapter on the training
+    format, as PPO scores (``reward_scores`` with ``end_of_turn_token``, PPO's setting of that name).
     """
     from .rollout import left_pad
 
-    score = score or (lambda rollout: model.score(rollout.input_ids, rollout.attention_mask))
+    score = score or reward_scores(model, tokenizer, settings, end_of_turn_token)
     per_policy = {name: _PolicyRecord() for name in POLICIES}
     for start in range(0, len(prompts), batch_size):
         rows = prompts[start:start + batch_size]

@@ -589,6 +589,7 @@ def evaluate_stage(context: StageContext) -> StageResult:
             metrics, records, scores = evaluate_policies(
                 model, tokenizer, prompts, sampling_settings(ppo, settings, tokenizer, model),
                 batch_size=settings.batch_size, seed=settings.seed,
+                end_of_turn_token=getattr(ppo, "end_of_turn_token", "auto"),
             )
         write_outputs(context.stage_dir, metrics, records, settings.num_shown_samples)
         plot_reward_histogram(scores, context.stage_dir / "reward_histogram.png")

@@ -338,15 +338,19 @@ def stop_token_ids(tokenizer, model, stop_token: str | None = "eos") -> tuple[in
     """The token ids that end a response, sorted; ``()`` for fixed-length responses.
 
     stop_token: "eos" (the tokenizer's EOS and every id of the model's ``generation_config.eos_token_id``,
-    e.g. ``<|eot_id|>`` and ``<|end_of_text|>`` for Llama 3), a token string (that one token only), or
-    None (no stop token). model: a ``MultiAdapterModel`` or a transformers model.
+    or of ``config.eos_token_id`` when the generation config has none; e.g. ``<|eot_id|>`` and
+    ``<|end_of_text|>`` for Llama 3), a token string (that one token only), or None (no stop token).
+    model: a ``MultiAdapterModel`` or a transformers model.
     Raises ValueError when the tokenizer and model define no EOS, or the token string is not a token.
     """
     if stop_token is None:
         return ()
     if stop_token == "eos":
         ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        configured = getattr(getattr(_causal_lm(model), "generation_config", None), "eos_token_id", None)
+        causal_lm = _causal_lm(model)
+        configured = getattr(getattr(causal_lm, "generation_config", None), "eos_token_id", None)
+        if configured is None:
+            configured = getattr(getattr(causal_lm, "config", None), "eos_token_id", None)
         ids |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
         if not ids:
             raise ValueError("stop_token='eos' but neither the tokenizer nor the model defines an EOS token")
@@ -418,28 +422,7 @@ class PromptSampler:
 
 
 # ---------------------------------------------------------------------------------------------------
-# where responses end
-
-
-def stop_token_ids(tokenizer, model, stop_token: str | None = "eos") -> tuple[int, ...]:
-    """Token ids that end a response: ``'eos'`` = the tokenizer's EOS and the model's ``eos_token_id``(s)
-    (its generation config first); a token string = that token; None = none (fixed-length responses)."""
-    if stop_token is None:
-        return ()
-    if stop_token == "eos":
-        ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        causal_lm = model.peft_model.get_base_model() if hasattr(model, "peft_model") else model
-        configured = getattr(getattr(causal_lm, "generation_config", None), "eos_token_id", None)
-        if configured is None:
-            configured = getattr(getattr(causal_lm, "config", None), "eos_token_id", None)
-        ids |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
-        if not ids:
-            raise ValueError("stop_token='eos' but neither the tokenizer nor the model defines an EOS token")
-        return tuple(sorted(ids))
-    token_id = tokenizer.convert_tokens_to_ids(stop_token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"stop_token={stop_token!r} is not a token of the tokenizer; use 'eos' or an existing token")
-    return (token_id,)
+# rollouts of given responses
 
 
 def rollout_from_tensors(queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
