@@ -23,9 +23,9 @@ from trl_multiadapter.evaluate import (
     evaluate_policies,
     kl_full,
     length_distribution,
-    planted_rule_metrics,
     sampling_settings,
 )
+from trl_multiadapter.ground_truth import ground_truth_for, planted_rule_metrics, supplies_ground_truth
 from trl_multiadapter.model import MultiAdapterModel
 from trl_multiadapter.rollout import SamplingSettings, left_pad, sample_rollout, stop_token_ids
 from trl_multiadapter.testing import build_tiny_model, tiny_llama_config
@@ -236,3 +236,29 @@ def test_length_distribution_hand_computed():
                      "response_length_p10": pytest.approx(1.9), "response_length_p90": pytest.approx(9.1)}
     single = length_distribution([4])
     assert all(math.isclose(value, 4.0) for value in single.values())
+
+
+def test_data_sources_supply_their_ground_truth_through_the_registry():
+    from trl_multiadapter.registry import data_sources
+
+    assert ground_truth_for(["synthetic_hh_rlhf", "synthetic_squad"])(["Gladly!"]) == planted_rule_metrics(["Gladly!"])
+    assert ground_truth_for(["hh_rlhf", "squad"]) is None  # real data: no planted rule
+    seen = {}
+
+    def echo_rate(responses, prompts, **kwargs):
+        seen["prompts"] = prompts
+        return {"echo_rate": sum(text == "echo" for text in responses) / len(responses)}
+
+    @supplies_ground_truth(echo_rate)
+    def plugin_source(split="train"):
+        return []
+
+    data_sources.register("test_echo_source", plugin_source)
+    try:
+        metric = ground_truth_for(["synthetic_hh_rlhf", "test_echo_source"])
+        result = metric(responses=["echo", "Sure"], prompts="the rows")
+    finally:
+        data_sources.unregister("test_echo_source")
+    assert result == {**planted_rule_metrics(["echo", "Sure"]), "echo_rate": 0.5} and seen["prompts"] == "the rows"
+    with pytest.raises(TypeError, match="must be callable"):
+        supplies_ground_truth("not a function")

@@ -113,6 +113,26 @@ def test_aligned_policy_beats_the_base_on_held_out_prompts(tiny_run):
     wins = sum(1.0 if s["aligned_reward"] > s["base_reward"] else 0.5 if s["aligned_reward"] == s["base_reward"]
                else 0.0 for s in samples)
     assert wins / len(samples) == pytest.approx(metrics["win_rate"])
+    # The planted rule's ground truth, recounted from the texts with the definition written out here:
+    # lower-cased [a-z]+ words of the response (cut at its stop token) hold a helpful and no dismissive word.
+    import re
+    import statistics
+
+    from trl_multiadapter.testing.words import DISMISSIVE_WORDS, HELPFUL_WORDS
+
+    for policy in ("base", "aligned"):
+        words = [re.findall("[a-z]+", sample[f"{policy}_response"].lower()) for sample in samples]
+        follows = [bool(set(w) & set(HELPFUL_WORDS)) and not set(w) & set(DISMISSIVE_WORDS) for w in words]
+        assert metrics[policy]["ground_truth_rate"] == pytest.approx(sum(follows) / len(samples))
+        helpful = sum(word in HELPFUL_WORDS for w in words for word in w)
+        assert metrics[policy]["helpful_words"] == pytest.approx(helpful / len(samples))
+        lengths = [len(sample[f"{policy}_response_ids"]) for sample in samples]
+        assert metrics[policy]["response_length_median"] == pytest.approx(statistics.median(lengths))
+    report = (tiny_run / "report.md").read_text()
+    headline = report[report.index("## Base vs aligned policy"):report.index("## Time and cost")]
+    assert headline.index("`ground_truth_rate`") < headline.index("`mean_reward`")
+    assert f"## Sample generations ({len(samples)} held-out prompts)" in report
+    assert "![training curves](evaluate/training_curves.png)" in report
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ Per policy:
 * ``response_length`` (mean tokens, the stop token included) and its ``_median``, ``_p10``, ``_p90``
   (linear interpolation between order statistics, numpy's default), ``stop_rate`` (share of responses that
   emitted a stop token), SQuAD ``exact_match`` and ``f1`` of the decoded answers when the prompts carry
-  reference answers, and the ground-truth metrics of ``ground_truth`` when the data has one (see
-  ``planted_rule_metrics``);
+  reference answers, and first of all the ground-truth metrics of ``ground_truth`` when the data
+  supplies one (``ground_truth``: the synthetic data's planted rule, or a plugin's);
 
 and ``win_rate``: the share of prompts where the aligned response scores higher than the base one (a tie
 counts one half). Writes ``metrics.json``, ``samples.jsonl`` and the PNG plots.
@@ -27,7 +27,6 @@ counts one half). Writes ``metrics.json``, ``samples.jsonl`` and the PNG plots.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,14 +34,13 @@ from typing import Any
 
 import torch
 
+from .ground_truth import GroundTruthMetric
+
 POLICIES = ("base", "aligned")
 ROLE_OF_POLICY = {"base": "reference", "aligned": "policy"}
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
 
-# A ground-truth metric: decoded responses (cut before their stop token) and the held-out prompt rows in
-# the same order -> named numbers. It never sees the reward model.
-GroundTruthMetric = Callable[..., dict[str, float]]
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -140,33 +138,6 @@ def length_distribution(lengths: Sequence[int]) -> dict[str, float]:
     quantiles = torch.quantile(values, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)).tolist()
     return {"response_length": values.mean().item(), "response_length_median": quantiles[0],
             "response_length_p10": quantiles[1], "response_length_p90": quantiles[2]}
-
-
-WORD_PATTERN = re.compile(r"[a-z]+")
-
-
-def planted_rule_metrics(responses: Sequence[str], **_: Any) -> dict[str, float]:
-    """Ground truth of the synthetic hh-rlhf data's planted rule (chosen answers use ``HELPFUL_WORDS``,
-    rejected ones ``DISMISSIVE_WORDS``, see ``trl_multiadapter.testing.words``).
-
-    The words of a response are the ``[a-z]+`` runs of its lower-cased text, cut at its first stop token.
-    ``ground_truth_rate``: share of responses whose words contain a helpful word and no dismissive word;
-    ``helpful_words``, ``dismissive_words``: mean number of such words per response (each occurrence counts).
-    """
-    from .testing.words import DISMISSIVE_WORDS, HELPFUL_WORDS
-
-    helpful, dismissive = set(HELPFUL_WORDS), set(DISMISSIVE_WORDS)
-    follows_rule = helpful_counts = dismissive_counts = 0
-    for response in responses:
-        words = WORD_PATTERN.findall(response.lower())
-        helpful_count = sum(word in helpful for word in words)
-        dismissive_count = sum(word in dismissive for word in words)
-        follows_rule += helpful_count > 0 and dismissive_count == 0
-        helpful_counts += helpful_count
-        dismissive_counts += dismissive_count
-    count = max(len(responses), 1)
-    return {"ground_truth_rate": follows_rule / count, "helpful_words": helpful_counts / count,
-            "dismissive_words": dismissive_counts / count}
 
 
 # ---------------------------------------------------------------------------------------- the stage

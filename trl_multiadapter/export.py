@@ -125,24 +125,10 @@ def _serving_lines(base: BaseModelName, lora_rank: int) -> list[str]:
     ]
 
 
-METRIC_ROWS = (
-    ("ground_truth_rate", "ground truth: share of responses following the data's rule"),
-    ("helpful_words", "ground truth: helpful words per response"),
-    ("dismissive_words", "ground truth: dismissive words per response"),
-    ("exact_match", "SQuAD exact match"),
-    ("f1", "SQuAD F1"),
-    ("mean_reward", "reward adapter score (mean)"),
-    ("kl_full", "KL to the reference (full vocabulary, summed over the response)"),
-    ("response_length", "response length, tokens (mean)"),
-    ("response_length_median", "response length (median)"),
-    ("response_length_p10", "response length (10th percentile)"),
-    ("response_length_p90", "response length (90th percentile)"),
-    ("stop_rate", "share of responses that stopped"),
-)
-
-
 def metrics_table(metrics: dict[str, Any]) -> list[str]:
     """Markdown rows base | aligned of the evaluate stage's metrics.json (ground truth first)."""
+    from .report import METRIC_ROWS
+
     lines = ["| held-out prompts | base | aligned |", "|---|---:|---:|"]
     for key, label in METRIC_ROWS:
         if key in metrics.get("aligned", {}) and key in metrics.get("base", {}):

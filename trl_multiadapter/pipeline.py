@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from .ground_truth import planted_rule_metrics, supplies_ground_truth
 from .recipe import DEFAULT_STAGES, Recipe, RecipeError, check_runtime
 from .registry import register_data_source, register_stage, stages
 
@@ -573,9 +574,10 @@ def evaluate_stage(context: StageContext) -> StageResult:
     """Base vs aligned on held-out prompts, sampled by PPO's sampler with PPO's settings: metrics.json,
     samples.jsonl, PNG plots (main process only)."""
     from .evaluate import evaluate_policies, mixed_precision, sampling_settings, write_outputs
+    from .ground_truth import ground_truth_for
     from .plots import plot_reward_histogram, plot_training_curves
 
-    settings, ppo = context.recipe.evaluate, context.recipe.ppo
+    settings, ppo, data = context.recipe.evaluate, context.recipe.ppo, context.recipe.data
     metrics: dict[str, Any] = {}
     samples = tokens = 0
     if context.is_main_process:
@@ -590,6 +592,7 @@ def evaluate_stage(context: StageContext) -> StageResult:
                 model, tokenizer, prompts, sampling_settings(ppo, settings, tokenizer, model),
                 batch_size=settings.batch_size, seed=settings.seed,
                 end_of_turn_token=getattr(ppo, "end_of_turn_token", "auto"),
+                ground_truth=ground_truth_for((data.preference.source, data.prompts.source)),
             )
         write_outputs(context.stage_dir, metrics, records, settings.num_shown_samples)
         plot_reward_histogram(scores, context.stage_dir / "reward_histogram.png")
@@ -660,6 +663,7 @@ def export_stage(context: StageContext) -> StageResult:
 
 
 @register_data_source("synthetic_hh_rlhf")
+@supplies_ground_truth(planted_rule_metrics)
 def synthetic_hh_rlhf(split: str = "train", train_size: int = 256, eval_size: int = 64, seed: int = 0,
                       on_bad_row: str = "skip", return_report: bool = False):
     """Synthetic hh-rlhf pairs with a planted preference (trl_multiadapter.testing), read by the real loader."""
