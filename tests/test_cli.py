@@ -171,3 +171,48 @@ def test_programming_errors_are_not_hidden():
 
     with pytest.raises(ZeroDivisionError):
         cli.main(["demo"], subcommands=(_subcommand("demo", run),))
+
+
+# --------------------------------------------------------------------------- generate: bad adapters
+
+
+def our_stderr_lines(stderr: str) -> list[str]:
+    # bitsandbytes looks up its CPU kernels on the hub when peft imports it and, offline, prints two
+    # lines naming "kernels-community"; they are the environment's, not this command's.
+    return [line for line in stderr.splitlines() if "kernels-community" not in line]
+
+
+def write_adapter(path, task: str, hidden_size: int = 64):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    from trl_multiadapter.testing import tiny_llama_config
+
+    config = tiny_llama_config("tiny")
+    config.hidden_size, config.intermediate_size = hidden_size, 2 * hidden_size
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM if task == "CAUSAL_LM" else LlamaForSequenceClassification)(config)
+    get_peft_model(model, LoraConfig(task_type=task, r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(path)
+    return str(path)
+
+
+def test_generate_with_an_adapter_of_another_model_size_is_one_line_with_the_fix(tmp_path):
+    adapter = write_adapter(tmp_path / "wide", "CAUSAL_LM", hidden_size=96)  # the tiny base has 64
+    result = run_cli("generate", "--base", "builtin:tiny", "--adapter", adapter, "--prompt", "Hello")
+    assert result.returncode == cli.EXIT_USER_ERROR
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    (line,) = our_stderr_lines(result.stderr)
+    assert line.startswith(f"{cli.PROG} generate: error: --adapter {adapter} does not fit --base builtin:tiny")
+    assert "[4, 96]" in line and "[4, 64]" in line and "pass as --base the model the adapter was trained on" in line
+
+
+def test_generate_refuses_a_reward_adapter_in_one_line(tmp_path):
+    adapter = write_adapter(tmp_path / "reward", "SEQ_CLS")
+    result = run_cli("generate", "--base", "builtin:tiny", "--adapter", adapter, "--prompt", "Hello")
+    assert result.returncode == cli.EXIT_USER_ERROR
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    (line,) = our_stderr_lines(result.stderr)
+    assert line == (f"{cli.PROG} generate: error: --adapter {adapter} is a reward adapter (task_type SEQ_CLS): it "
+                    "scores answers and cannot generate; pass the policy adapter (task_type CAUSAL_LM), e.g. "
+                    "RUN/export/policy")

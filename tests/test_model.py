@@ -1,8 +1,8 @@
 """MultiAdapterModel: every number is checked against an independent computation.
 
 Independent references used here: plain transformers models without peft (the base), standalone
-models with an adapter merged by peft (``merge_and_unload``), per-row forwards without padding, and a
-hand-written greedy decoding loop.
+models with an adapter merged by peft (``merge_and_unload``) and per-row forwards without padding.
+Sampling (greedy and sampled, every role) is tested in test_rollout.py: the model has no generate method.
 """
 
 from __future__ import annotations
@@ -314,22 +314,6 @@ def test_reference_policy_init_stays_the_starting_adapter_through_training(adapt
 def test_policy_init_needs_a_policy_adapter():
     with pytest.raises(ValueError, match="reference='policy_init'.*policy_adapter"):
         MultiAdapterModel.from_pretrained(base_model(), reference="policy_init")
-
-
-# --------------------------------------------------------------------------- generation
-
-
-def test_generate_equals_a_greedy_loop_over_policy_forward(adapter_dirs):
-    model = MultiAdapterModel.from_pretrained(base_model(), policy_adapter=adapter_dirs["policy"]).train()
-    rows = random_rows(seed=9, lengths=[3, 7])
-    ids, mask = pad_rows(rows, "left")
-    generated = model.generate(ids, mask, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID)
-    for batch_index, row in enumerate(rows):
-        tokens = list(row)
-        for _ in range(6):
-            logits, _ = model.policy_forward(torch.tensor([tokens]), logits_to_keep=1)
-            tokens.append(int(logits[0, -1].argmax()))
-        assert generated[batch_index, ids.shape[1] :].tolist() == tokens[len(row) :]
 
 
 # --------------------------------------------------------------------------- roles

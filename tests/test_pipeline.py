@@ -98,9 +98,12 @@ def test_aligned_policy_beats_the_base_on_held_out_prompts(tiny_run):
     metrics = read_json(tiny_run / "evaluate" / "metrics.json")
     assert set(metrics) >= {"base", "aligned", "win_rate", "num_prompts"}
     for policy in ("base", "aligned"):
-        assert set(metrics[policy]) >= {"mean_reward", "kl", "response_length", "stop_rate", "exact_match", "f1"}
+        assert set(metrics[policy]) >= {"mean_reward", "kl_full", "response_length", "response_length_median",
+                                        "response_length_p10", "response_length_p90", "stop_rate", "exact_match",
+                                        "f1"}
+        assert "kl" not in metrics[policy]  # the full-vocabulary KL is named for what it is
     assert metrics["aligned"]["mean_reward"] > metrics["base"]["mean_reward"]
-    assert metrics["base"]["kl"] == 0.0 and metrics["aligned"]["kl"] > 0.0
+    assert metrics["base"]["kl_full"] == 0.0 and metrics["aligned"]["kl_full"] > 0.0
     # Recompute the aggregates from the per-prompt samples (all of them were written).
     samples = [json.loads(line) for line in (tiny_run / "evaluate" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == metrics["num_prompts"]
@@ -110,6 +113,26 @@ def test_aligned_policy_beats_the_base_on_held_out_prompts(tiny_run):
     wins = sum(1.0 if s["aligned_reward"] > s["base_reward"] else 0.5 if s["aligned_reward"] == s["base_reward"]
                else 0.0 for s in samples)
     assert wins / len(samples) == pytest.approx(metrics["win_rate"])
+    # The planted rule's ground truth, recounted from the texts with the definition written out here:
+    # lower-cased [a-z]+ words of the response (cut at its stop token) hold a helpful and no dismissive word.
+    import re
+    import statistics
+
+    from trl_multiadapter.testing.words import DISMISSIVE_WORDS, HELPFUL_WORDS
+
+    for policy in ("base", "aligned"):
+        words = [re.findall("[a-z]+", sample[f"{policy}_response"].lower()) for sample in samples]
+        follows = [bool(set(w) & set(HELPFUL_WORDS)) and not set(w) & set(DISMISSIVE_WORDS) for w in words]
+        assert metrics[policy]["ground_truth_rate"] == pytest.approx(sum(follows) / len(samples))
+        helpful = sum(word in HELPFUL_WORDS for w in words for word in w)
+        assert metrics[policy]["helpful_words"] == pytest.approx(helpful / len(samples))
+        lengths = [len(sample[f"{policy}_response_ids"]) for sample in samples]
+        assert metrics[policy]["response_length_median"] == pytest.approx(statistics.median(lengths))
+    report = (tiny_run / "report.md").read_text()
+    headline = report[report.index("## Base vs aligned policy"):report.index("## Time and cost")]
+    assert headline.index("`ground_truth_rate`") < headline.index("`mean_reward`")
+    assert f"## Sample generations ({len(samples)} held-out prompts)" in report
+    assert "![training curves](evaluate/training_curves.png)" in report
 
 
 @pytest.mark.slow
@@ -137,10 +160,12 @@ def test_exported_policy_loads_with_plain_peft_and_generates(tiny_run):
     output = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id)
     assert output.shape[1] > len(ids)
-    card = (policy_dir / "README.md").read_text()
+    card = (tiny_run / "export" / "README.md").read_text()  # one real card at the top of the export ...
+    assert (policy_dir / "README.md").read_text() == card  # ... and in the folder the hub push uploads
     for heading in ("## Data", "## Hyperparameters", "## Metrics", "## Intended use", "LORA_ADAPTERS",
-                    "--lora-modules"):
+                    "--lora-modules", "built-in tiny model `builtin:tiny`", "kl_full"):
         assert heading in card
+    assert "[More Information Needed]" not in card and str(tiny_run.parent) not in card
     assert (tiny_run / "export" / "value_head.safetensors").is_file()
     assert (tiny_run / "export" / "reward" / "adapter_model.safetensors").is_file()
 

@@ -3,20 +3,24 @@
 Every subcommand is one ``Subcommand`` in ``SUBCOMMANDS``: a name, a one-line help, a function that
 adds its arguments to an ``argparse`` parser, and a function that runs it and returns the exit code.
 Run functions import their implementation inside the function, so ``--help`` never loads torch.
-Adding a subcommand takes one entry in ``SUBCOMMANDS`` and two small functions::
+Adding a subcommand takes one entry in ``SUBCOMMANDS`` and two small functions, as ``env`` does::
 
-    def _add_generate_arguments(parser):
-        parser.add_argument("--adapter", required=True, help="...")
+    def _add_env_arguments(parser):
+        parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    def _run_generate(args) -> int:
-        from .generate import generate_from_cli  # heavy imports happen here, on use
-        return generate_from_cli(args)
+    def _run_env(args) -> int:
+        from .env_info import collect_env_info, format_env_info  # heavy imports happen here, on use
+        ...
+        return 0
 
-    Subcommand("generate", "Sample from a base model + adapter.", _add_generate_arguments, _run_generate),
+    Subcommand("env", "Print versions ...", _add_env_arguments, _run_env),
 
-Exit codes: 0 success, 1 a user error reported in one line (bad recipe value, missing file,
-missing optional dependency, broken plugin), 2 a usage error (unknown subcommand or flag),
-130 interrupted. ``--traceback`` shows the full traceback instead of the one-line message.
+(the pipeline subcommands, ``generate`` included, are built the same way in ``pipeline_cli``).
+
+Exit codes: 0 success; 1 a user error reported in one line (missing file, bad adapter or value,
+missing optional dependency, broken plugin); 2 a usage error (unknown subcommand or flag, bad flag
+value) or a recipe error (the key path and the fix, ``RecipeError.exit_code``); 130 interrupted.
+``--traceback`` shows the full traceback instead of the one-line message.
 """
 
 from __future__ import annotations

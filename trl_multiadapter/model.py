@@ -573,15 +573,6 @@ class MultiAdapterModel(nn.Module):
         scores = head(final_hidden.to(device=head.weight.device, dtype=head.weight.dtype))  # (B, num_labels)
         return scores[:, self.reward_label_index or 0].float()
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generation_kwargs):
-        """Sample with the policy adapter (dropout off, KV cache) through transformers' ``generate``."""
-        attention_mask = _check_inputs(input_ids, attention_mask)
-        with self._adapters_of("policy"):
-            return self._parts.causal_lm.generate(
-                input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs
-            )
-
     # ---------------------------------------------------------------- saving
     def save_adapters(self, directory: str | os.PathLike) -> None:
         """Write every adapter and head to ``directory``.

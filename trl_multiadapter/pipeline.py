@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from .ground_truth import planted_rule_metrics, supplies_ground_truth
 from .recipe import DEFAULT_STAGES, Recipe, RecipeError, check_runtime
 from .registry import register_data_source, register_stage, stages
 
@@ -554,6 +555,7 @@ def _reward_functions(context: StageContext) -> list | None:
 
 def load_trained_model(context: StageContext):
     """The shared base with every adapter of the finished PPO stage (policy, reward, value head)."""
+    from .devices import process_device_map
     from .model import MultiAdapterModel
 
     recipe = context.recipe
@@ -562,26 +564,20 @@ def load_trained_model(context: StageContext):
         raise StageFailedError(f"{final} is missing; run the 'ppo' stage first.")
     model = MultiAdapterModel.from_pretrained(
         base_model_path(context), from_saved=str(final), quantization_config=recipe.quantization.bitsandbytes_config(),
-        dtype=recipe.model.dtype, **_device_map(recipe),
+        dtype=recipe.model.dtype, **process_device_map(),
     )
     return model.eval()
 
 
-def stop_token_ids(tokenizer, model) -> tuple[int, ...]:
-    """The tokenizer's EOS and the model's eos_token_id(s): where responses end (as in PPO)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = model.config.eos_token_id
-    ids |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
-    return tuple(sorted(ids))
-
-
 @register_stage("evaluate")
 def evaluate_stage(context: StageContext) -> StageResult:
-    """Base vs aligned on held-out prompts: metrics.json, samples.jsonl, PNG plots (main process only)."""
-    from .evaluate import evaluate_policies, write_outputs
+    """Base vs aligned on held-out prompts, sampled by PPO's sampler with PPO's settings: metrics.json,
+    samples.jsonl, PNG plots (main process only)."""
+    from .evaluate import evaluate_policies, mixed_precision, sampling_settings, write_outputs
+    from .ground_truth import ground_truth_for
     from .plots import plot_reward_histogram, plot_training_curves
 
-    settings, ppo = context.recipe.evaluate, context.recipe.ppo
+    settings, ppo, data = context.recipe.evaluate, context.recipe.ppo, context.recipe.data
     metrics: dict[str, Any] = {}
     samples = tokens = 0
     if context.is_main_process:
@@ -591,12 +587,13 @@ def evaluate_stage(context: StageContext) -> StageResult:
         prompts = prompts.select(range(min(settings.num_prompts, len(prompts))))
         model = load_trained_model(context)
         tokenizer = load_tokenizer(context)
-        metrics, records, scores = evaluate_policies(
-            model, tokenizer, prompts, batch_size=settings.batch_size,
-            max_new_tokens=settings.max_new_tokens or ppo.max_new_tokens, do_sample=settings.do_sample,
-            temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p,
-            stop_token_ids=stop_token_ids(tokenizer, model), seed=settings.seed,
-        )
+        with mixed_precision(ppo, model.device):
+            metrics, records, scores = evaluate_policies(
+                model, tokenizer, prompts, sampling_settings(ppo, settings, tokenizer, model),
+                batch_size=settings.batch_size, seed=settings.seed,
+                end_of_turn_token=getattr(ppo, "end_of_turn_token", "auto"),
+                ground_truth=ground_truth_for((data.preference.source, data.prompts.source)),
+            )
         write_outputs(context.stage_dir, metrics, records, settings.num_shown_samples)
         plot_reward_histogram(scores, context.stage_dir / "reward_histogram.png")
         history_file = context.path("ppo") / LOG_HISTORY_FILE
@@ -634,8 +631,8 @@ def export_stage(context: StageContext) -> StageResult:
     )
 
     recipe = context.recipe
-    artifacts = {"policy_adapter": f"export/{POLICY_DIR}", "reward_adapter": "export/reward",
-                 "value_head": "export/value_head.safetensors"}
+    artifacts = {"model_card": f"export/{MODEL_CARD}", "policy_adapter": f"export/{POLICY_DIR}",
+                 "reward_adapter": "export/reward", "value_head": "export/value_head.safetensors"}
     metrics: dict[str, Any] = {}
     if context.is_main_process:
         final = context.path("ppo") / PPO_FINAL_DIR
@@ -647,8 +644,10 @@ def export_stage(context: StageContext) -> StageResult:
         reward_metrics_file = context.path("reward") / "reward_metrics.json"
         reward_metrics = json.loads(reward_metrics_file.read_text())["metrics"] if reward_metrics_file.is_file() else {}
         card = model_card(recipe, json.loads(evaluation.read_text()) if evaluation.is_file() else None,
-                          reward_metrics, base, POLICY_DIR)
-        (context.stage_dir / POLICY_DIR / MODEL_CARD).write_text(card)
+                          reward_metrics)
+        # One card: at the top of the export, and in policy/ because that folder is what the hub push uploads.
+        for folder in (context.stage_dir, context.stage_dir / POLICY_DIR):
+            (folder / MODEL_CARD).write_text(card)
         if recipe.export.merged_model:
             merge_policy(base, context.stage_dir / POLICY_DIR, context.stage_dir / MERGED_DIR, recipe.model.dtype,
                          load_tokenizer(context))
@@ -664,6 +663,7 @@ def export_stage(context: StageContext) -> StageResult:
 
 
 @register_data_source("synthetic_hh_rlhf")
+@supplies_ground_truth(planted_rule_metrics)
 def synthetic_hh_rlhf(split: str = "train", train_size: int = 256, eval_size: int = 64, seed: int = 0,
                       neutral_rejected: float = 0.0, on_bad_row: str = "skip", return_report: bool = False):
     """Synthetic hh-rlhf pairs with a planted preference (trl_multiadapter.testing), read by the real loader."""

@@ -153,22 +153,26 @@ def stage_runner(stage: str):
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="base model: hub id, folder, or builtin:tiny")
-    parser.add_argument("--adapter", help="policy adapter folder (PEFT format); omit to sample from the base")
+    parser.add_argument("--adapter", help="policy adapter folder (PEFT CAUSAL_LM, e.g. RUN/export/policy); omit to "
+                                          "sample from the base")
     parser.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
     parser.add_argument("--system_prompt", help="system message before each prompt")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens; 0: all (PPO's default)")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--greedy", action="store_true", help="decode greedily instead of sampling")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    """Sample with PPO's sampler (``rollout.sample_rollout``); a bad adapter or base is a one-line error
+    (ValueError / FileNotFoundError, exit code 1, from ``cli.main``)."""
     from .export import generate_from_adapter
 
     for prompt, answer in generate_from_adapter(
         args.base, args.adapter, args.prompt, system_prompt=args.system_prompt,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         do_sample=not args.greedy, seed=args.seed,
     ):
         print(f">>> {prompt}\n{answer}\n")

@@ -9,8 +9,9 @@ from typing import Any
 # (log key, panel title) of the training-curve panels, TRL's PPO metric names.
 TRAINING_CURVES = (
     ("objective/scores", "score"),
-    ("objective/kl", "KL to reference"),
-    ("objective/entropy", "entropy"),
+    ("objective/kl", "KL to reference, per response"),
+    # per token: objective/entropy sums over a response, so it also falls when responses get shorter
+    ("policy/entropy_avg", "entropy per token (policy, full vocabulary)"),
     ("loss/policy_avg", "policy loss"),
     ("loss/value_avg", "value loss"),
     ("objective/rlhf_reward", "score - beta * KL"),

@@ -1,12 +1,16 @@
-"""Rollouts for multi-adapter PPO: sampling with a KV cache, padding, and per-mini-batch slicing.
+"""Rollouts for multi-adapter PPO: the one sampler, padding, and per-mini-batch slicing.
 
-Sampling runs its own short decode loop over the model's decoder instead of ``generate()``: each step
-already computes the final hidden state and the raw logits of the next token, so the policy's
-log-probabilities (at the sampling temperature) and the value head's values are read off the same
-pass. That removes the separate no-grad "rollout forward" TRL 0.11 ran after generation, and the
-sampling distribution is exactly softmax(logits / temperature) with optional top-k / top-p, whatever
-a model's ``generation_config`` says (``generate()`` would merge in e.g. a checkpoint's repetition
-penalty). Top-k and top-p use transformers' own warpers.
+``sample_rollout`` is the project's only sampler: PPO's rollouts, the evaluate stage (base and aligned
+policy) and ``trl-multiadapter generate`` all call it, so every stage samples from the same distribution.
+It runs its own short decode loop over the model's decoder instead of ``generate()``: each step
+already computes the final hidden state and the raw logits of the next token, so the log-probabilities
+(at the sampling temperature) and the value head's values are read off the same pass. That removes the
+separate no-grad "rollout forward" TRL 0.11 ran after generation, and the sampling distribution is
+exactly softmax(logits / temperature) with optional top-k / top-p, whatever a model's
+``generation_config`` says (``generate()`` would merge in e.g. a checkpoint's repetition penalty).
+Top-k and top-p use transformers' own warpers; ``do_sample=False`` takes the argmax of the raw logits.
+``SamplingSettings.role`` picks who samples: the policy adapter, or the reference (adapters disabled, or
+the frozen ``policy_init`` adapter), which is the "base" policy of the evaluate stage.
 
 Layout (one row per prompt)::
 
@@ -29,10 +33,17 @@ import torch
 from . import ppo_math
 from .model import position_ids_from_mask
 
+SAMPLING_ROLES = ("policy", "reference")
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How responses are sampled. ``stop_token_ids`` empty: fixed-length responses."""
+    """How responses are sampled. ``stop_token_ids`` empty: fixed-length responses.
+
+    ``temperature`` divides the logits both for sampling and for the recorded logprobs; with
+    ``do_sample=False`` the token is the argmax of the raw logits (temperature, top-k and top-p do not
+    change it) and the logprobs are still those of ``softmax(logits / temperature)``.
+    """
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -41,7 +52,20 @@ class SamplingSettings:
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     keep_logits: bool = False  # keep the (B, R, V) raw logits, for the "full" KL estimator
-    capture_values: bool = True  # value head on the policy's hidden states (value_model="head")
+    # Values V(s_j) from the value head on the policy's hidden states (value_model="head"). None: exactly
+    # when that head exists and the policy samples.
+    capture_values: bool | None = None
+    do_sample: bool = True  # False: greedy decoding
+    role: str = "policy"  # who samples: "policy" or "reference" (the base policy of the evaluate stage)
+
+    def __post_init__(self):
+        if self.role not in SAMPLING_ROLES:
+            raise ValueError(f"SamplingSettings.role={self.role!r} is not a sampling role; use one of {SAMPLING_ROLES}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingSettings.max_new_tokens={self.max_new_tokens}; sample at least 1 token")
+        if self.temperature <= 0:
+            raise ValueError(f"SamplingSettings.temperature={self.temperature}; use a temperature > 0 "
+                             "(do_sample=False for greedy decoding)")
 
 
 @dataclass
@@ -75,6 +99,10 @@ class Rollout:
     @property
     def batch_size(self) -> int:
         return self.query_ids.shape[0]
+
+    def responses(self) -> list[torch.Tensor]:
+        """The response of each row as a 1-D tensor of its tokens (the stop token included, no padding)."""
+        return [ids[mask.bool()] for ids, mask in zip(self.response_ids, self.response_mask)]
 
     def select(self, rows: torch.Tensor) -> Rollout:
         """The rollout restricted to ``rows`` (B',) in that order."""
@@ -170,14 +198,29 @@ def _pad(sequences, pad_token_id: int, device, left: bool):
 
 
 def sample_rollout(model, query_ids: torch.Tensor, query_mask: torch.Tensor, settings: SamplingSettings) -> Rollout:
-    """Sample one response per prompt with the policy adapter and record logprobs and values.
+    """Sample (or decode greedily) one response per prompt in ``settings.role``; record logprobs and values.
 
-    model: a ``MultiAdapterModel``; query_ids, query_mask (B, P) left-padded prompts. Runs under
-    ``torch.inference_mode`` and returns ordinary tensors (usable as constants in a later backward).
+    model: a ``MultiAdapterModel``; query_ids, query_mask (B, P) left-padded prompts. Random draws come
+    from torch's global generator (seed it with ``torch.manual_seed`` for reproducible samples). Runs
+    under ``torch.inference_mode`` and returns ordinary tensors (usable as constants in a later backward).
     """
+    capture_values = _captures_values(model, settings)
     with torch.inference_mode():
-        rollout = _sample(model, query_ids, query_mask, settings)
+        rollout = _sample(model, query_ids, query_mask, settings, capture_values)
     return Rollout(**{key: _plain(value) for key, value in vars(rollout).items()})
+
+
+def _captures_values(model, settings: SamplingSettings) -> bool:
+    has_head = model.value_model == "head"
+    if settings.capture_values is None:
+        return has_head and settings.role == "policy"
+    if settings.capture_values and not (has_head and settings.role == "policy"):
+        raise ValueError(
+            "capture_values=True reads the value head on the policy's hidden states: it needs role='policy' and "
+            f"value_model='head' (got role={settings.role!r}, value_model={model.value_model!r}); pass "
+            "capture_values=None or False"
+        )
+    return bool(settings.capture_values)
 
 
 def _plain(value):
@@ -185,7 +228,7 @@ def _plain(value):
     return value.clone() if isinstance(value, torch.Tensor) else value
 
 
-def _sample(model, query_ids, query_mask, settings: SamplingSettings) -> Rollout:
+def _sample(model, query_ids, query_mask, settings: SamplingSettings, capture_values: bool) -> Rollout:
     causal_lm = model.peft_model.get_base_model()
     decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     warpers = _warpers(settings)
@@ -193,8 +236,8 @@ def _sample(model, query_ids, query_mask, settings: SamplingSettings) -> Rollout
     batch_size = query_ids.shape[0]
     stop_ids = torch.tensor(settings.stop_token_ids, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    tokens, masks, logprobs, values, kept_logits = [], [], [], [], []
-    with model.role("policy"):
+    tokens, logprobs, values, kept_logits = [], [], [], []
+    with model.role(settings.role):
         model.train(False)  # role() restores the mode; a checkpointing layer in training mode drops the cache
         cache = _new_cache(causal_lm)
         attention_mask = query_mask
@@ -202,35 +245,44 @@ def _sample(model, query_ids, query_mask, settings: SamplingSettings) -> Rollout
         for _ in range(settings.max_new_tokens):
             hidden = _decode(decoder, step_ids, attention_mask, position_ids, cache)  # (B, H), last position
             logits = lm_head(hidden).float()  # (B, V)
-            next_ids = _draw(logits, settings, warpers)
             active = ~finished
-            token = torch.where(active, next_ids, settings.pad_token_id)
+            token = torch.where(active, _draw(logits, settings, warpers), settings.pad_token_id)
             # (1, B, V): the step's rows as one "sequence", so the vocabulary reduction is one batched op
-            token_logprob = ppo_math.logprobs_from_logits(logits[None], token[None], settings.temperature)[0]
+            logprobs.append(ppo_math.logprobs_from_logits(logits[None], token[None], settings.temperature)[0])
             tokens.append(token)
-            masks.append(active)
-            logprobs.append(torch.where(active, token_logprob, 0.0))
-            if settings.capture_values:
-                values.append(torch.where(active, model.values_from_hidden(hidden), 0.0))
+            if capture_values:
+                values.append(model.values_from_hidden(hidden))
             if settings.keep_logits:
                 kept_logits.append(logits)
             if stop_ids.numel():
                 finished = finished | (active & torch.isin(token, stop_ids))
             if bool(finished.all()):
                 break
+            # tokens after a row's stop token are padding: masked out of attention for the later steps
             attention_mask = torch.cat([attention_mask, active[:, None].to(attention_mask.dtype)], dim=1)
             step_ids = token[:, None]
             position_ids = attention_mask.sum(dim=1, keepdim=True) - 1
+    response_ids = torch.stack(tokens, dim=1)  # (B, R)
+    response_mask = _response_mask(response_ids, settings.stop_token_ids)  # (B, R)
+    keep = response_mask.bool()
     return Rollout(
         query_ids=query_ids,
         query_mask=query_mask,
-        response_ids=torch.stack(tokens, dim=1),
-        response_mask=torch.stack(masks, dim=1).long(),
+        response_ids=response_ids,
+        response_mask=response_mask,
         stopped=finished,
-        logprobs=torch.stack(logprobs, dim=1),
-        values=torch.stack(values, dim=1) if values else None,
+        logprobs=torch.where(keep, torch.stack(logprobs, dim=1), 0.0),
+        values=torch.where(keep, torch.stack(values, dim=1), 0.0) if values else None,
         logits=torch.stack(kept_logits, dim=1) if kept_logits else None,
     )
+
+
+def _response_mask(response_ids: torch.Tensor, stop_token_ids: tuple[int, ...]) -> torch.Tensor:
+    """1 up to and including the first stop token. A row that never stopped has no padding (the loop
+    only pads after a stop), so it keeps every sampled token: ``pad_token_id=None``."""
+    if not stop_token_ids:
+        return torch.ones_like(response_ids)
+    return ppo_math.response_mask_from_stop_tokens(response_ids, stop_token_ids, pad_token_id=None)
 
 
 def _decode(decoder, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
@@ -268,12 +320,50 @@ def _warpers(settings: SamplingSettings) -> list:
 
 
 def _draw(logits: torch.Tensor, settings: SamplingSettings, warpers: list) -> torch.Tensor:
-    """One token per row from softmax(warp(logits / temperature)). (B, V) -> (B,)."""
+    """One token per row from softmax(warp(logits / temperature)), or its argmax. (B, V) -> (B,)."""
+    if not settings.do_sample:
+        return logits.argmax(dim=-1)
     scores = logits / settings.temperature if settings.temperature != 1.0 else logits
     for warper in warpers:
         scores = warper(None, scores)
     probabilities = torch.softmax(scores, dim=-1)
     return torch.multinomial(probabilities, num_samples=1).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# where responses end
+
+
+def stop_token_ids(tokenizer, model, stop_token: str | None = "eos") -> tuple[int, ...]:
+    """The token ids that end a response, sorted; ``()`` for fixed-length responses.
+
+    stop_token: "eos" (the tokenizer's EOS and every id of the model's ``generation_config.eos_token_id``,
+    or of ``config.eos_token_id`` when the generation config has none; e.g. ``<|eot_id|>`` and
+    ``<|end_of_text|>`` for Llama 3), a token string (that one token only), or None (no stop token).
+    model: a ``MultiAdapterModel`` or a transformers model.
+    Raises ValueError when the tokenizer and model define no EOS, or the token string is not a token.
+    """
+    if stop_token is None:
+        return ()
+    if stop_token == "eos":
+        ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        causal_lm = _causal_lm(model)
+        configured = getattr(getattr(causal_lm, "generation_config", None), "eos_token_id", None)
+        if configured is None:
+            configured = getattr(getattr(causal_lm, "config", None), "eos_token_id", None)
+        ids |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+        if not ids:
+            raise ValueError("stop_token='eos' but neither the tokenizer nor the model defines an EOS token")
+        return tuple(sorted(ids))
+    token_id = tokenizer.convert_tokens_to_ids(stop_token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"stop_token={stop_token!r} is not a token of the tokenizer; use 'eos' or an existing token")
+    return (token_id,)
+
+
+def _causal_lm(model):
+    peft_model = getattr(model, "peft_model", None)  # a MultiAdapterModel
+    return peft_model.get_base_model() if peft_model is not None else model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -332,28 +422,7 @@ class PromptSampler:
 
 
 # ---------------------------------------------------------------------------------------------------
-# where responses end
-
-
-def stop_token_ids(tokenizer, model, stop_token: str | None = "eos") -> tuple[int, ...]:
-    """Token ids that end a response: ``'eos'`` = the tokenizer's EOS and the model's ``eos_token_id``(s)
-    (its generation config first); a token string = that token; None = none (fixed-length responses)."""
-    if stop_token is None:
-        return ()
-    if stop_token == "eos":
-        ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        causal_lm = model.peft_model.get_base_model() if hasattr(model, "peft_model") else model
-        configured = getattr(getattr(causal_lm, "generation_config", None), "eos_token_id", None)
-        if configured is None:
-            configured = getattr(getattr(causal_lm, "config", None), "eos_token_id", None)
-        ids |= set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
-        if not ids:
-            raise ValueError("stop_token='eos' but neither the tokenizer nor the model defines an EOS token")
-        return tuple(sorted(ids))
-    token_id = tokenizer.convert_tokens_to_ids(stop_token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"stop_token={stop_token!r} is not a token of the tokenizer; use 'eos' or an existing token")
-    return (token_id,)
+# rollouts of given responses
 
 
 def rollout_from_tensors(queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
