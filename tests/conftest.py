@@ -102,3 +102,26 @@ def tiny_reward_adapter_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
         adapter_dir=result.output_dir, base_model_dir=tiny_model_dir, result=result, config=config,
         train_pairs=train_pairs.to_list(), eval_pairs=eval_pairs.to_list(), wall_seconds=time.perf_counter() - started,
     )
+
+
+# --- pipeline: one finished tiny_cpu run per session ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished tiny_cpu run (all stages) made once per session by the CLI, as a user runs it: in a
+    subprocess whose output goes to a file (no TTY), kept beside the run as ``run.log``. Every evaluated
+    sample is written (``evaluate.num_shown_samples=1000``) so tests can recount the aggregates."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path_factory.mktemp("tiny-cpu-run") / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    env.pop("TRL_MULTIADAPTER_LAUNCHED", None)
+    with open(run_dir.parent / "run.log", "w") as log:
+        code = subprocess.call([sys.executable, "-m", "trl_multiadapter", "run", "tiny_cpu", "--output_dir",
+                                str(run_dir), "--set", "evaluate.num_shown_samples=1000"],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert code == 0, (run_dir.parent / "run.log").read_text()[-3000:]
+    return run_dir

@@ -40,15 +40,6 @@ def override_args(overrides=E2E_OVERRIDES) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A finished tiny_cpu run (all stages), made once per session in this process."""
-    run_dir = tmp_path_factory.mktemp("tiny-cpu-run") / "run"
-    code = cli.main(["run", "tiny_cpu", "--output_dir", str(run_dir), *override_args()])
-    assert code == 0
-    return run_dir
-
-
 def copy_finished_stages(source: Path, target: Path, stages=("data", "reward")) -> Path:
     """A new run folder holding only the given finished stages of ``source`` (and its builtin base model)."""
     target.mkdir(parents=True)
@@ -251,9 +242,16 @@ def test_killed_ppo_stage_resumes_and_matches_an_uninterrupted_run(tiny_run, tmp
     rerun = run_cli_subprocess(*argv)
     assert rerun.returncode == 0, rerun.stderr
     assert "[data] skipped" in rerun.stdout and "[reward] skipped" in rerun.stdout
-    metrics = read_json(run_dir / "ppo" / "stage.json")["result"]["metrics"]
+    assert f"[ppo] resuming from {run_dir / 'ppo'}" in rerun.stdout  # the console says which checkpoint
+    result = read_json(run_dir / "ppo" / "stage.json")["result"]
+    metrics = result["metrics"]
     assert Path(metrics["resumed_from"]).name.startswith("checkpoint-")
-    assert int(Path(metrics["resumed_from"]).name.split("-")[1]) >= int(first_checkpoint.split("-")[1])
+    resumed_at = int(Path(metrics["resumed_from"]).name.split("-")[1])
+    assert resumed_at >= int(first_checkpoint.split("-")[1])
+    # Throughput counts what the resumed process did, not the iterations before its checkpoint.
+    batch_size = read_json(tiny_run / "ppo" / "final" / "ppo_config.json")["batch_size"]
+    assert metrics["iterations_this_run"] == metrics["iterations"] - resumed_at
+    assert result["samples"] == (metrics["iterations"] - resumed_at) * batch_size
     for relative in ("policy/adapter_model.safetensors", "value_head.safetensors"):
         resumed = load_file(str(run_dir / "ppo" / "final" / relative))
         uninterrupted = load_file(str(tiny_run / "ppo" / "final" / relative))

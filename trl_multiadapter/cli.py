@@ -106,6 +106,9 @@ def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.Ar
     for subcommand in subcommands:
         sub = commands.add_parser(subcommand.name, help=subcommand.help, description=subcommand.help)
         subcommand.add_arguments(sub)
+        # Also accepted after the subcommand (`run tiny_cpu --traceback`); SUPPRESS keeps a value given before it.
+        sub.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback when the command fails")
         sub.set_defaults(_run=subcommand.run)
     return parser
 

@@ -51,7 +51,24 @@ class LaunchConfig:
 
     @property
     def uses_gpus(self) -> bool:
+        """Whether the launched workers may see GPUs (the bundled CPU configs hide them)."""
         return not (self.use_cpu or self.name in CPU_CONFIG_NAMES)
+
+    @property
+    def gpu_requests(self) -> list[str]:
+        """What in the config asks for GPUs: GPU ids, or fp16/bf16 mixed precision without a CPU marker.
+
+        Decided from the content, not the distributed type: the bundled ``cpu_ddp`` is MULTI_GPU on purpose
+        (that launcher starts N gloo processes on a machine without CUDA)."""
+        if self.use_cpu:
+            return []
+        requests = []
+        gpu_ids = self.content.get("gpu_ids")
+        if gpu_ids not in (None, "", "none"):
+            requests.append(f"gpu_ids: {gpu_ids}")
+        if self.mixed_precision in ("fp16", "bf16"):
+            requests.append(f"mixed_precision: {self.mixed_precision}")
+        return requests
 
     def describe(self) -> str:
         machines = f" on {self.num_machines} machines" if self.num_machines > 1 else ""

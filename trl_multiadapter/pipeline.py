@@ -137,6 +137,11 @@ def run_pipeline(
     selected = _selected_stages(recipe, until, only)
     run_dir = Path(recipe.output_dir)
     process_index, num_processes = _process_info()
+    # Accept the run before writing anything: a folder holding another recipe's finished stages is refused
+    # here, and the refusal leaves recipe.yaml and the report as they were.
+    fingerprints = {name: stage_fingerprint(recipe, name) for name in selected}
+    for name in selected:
+        read_stage_marker(run_dir / name, name, fingerprints[name])
     if process_index == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomically(run_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -530,14 +535,22 @@ def ppo_stage(context: StageContext) -> StageResult:
         _write_text_atomically(context.stage_dir / LOG_HISTORY_FILE, json.dumps(history, indent=1,
                                                                               default=_json_default))
     iterations = output.global_step
-    samples = iterations * args.batch_size * context.num_processes
+    # Throughput counts what this process did: a resumed stage ran only the iterations after its checkpoint.
+    resumed_at = trainer_checkpoint_step(checkpoint)
+    samples = (iterations - resumed_at) * args.batch_size * context.num_processes
     lengths = [entry["val/response_length"] for entry in history if "val/response_length" in entry]
     mean_response = sum(lengths) / len(lengths) if lengths else float(args.max_new_tokens)
     mean_prompt = sum(len(ids) for ids in prompts["input_ids"]) / max(len(prompts), 1)
     final = {key: value for key, value in (history[-1] if history else {}).items() if isinstance(value, (int, float))}
-    metrics = {"iterations": iterations, "resumed_from": str(checkpoint) if checkpoint else None, **final}
+    metrics = {"iterations": iterations, "iterations_this_run": iterations - resumed_at,
+               "resumed_from": str(checkpoint) if checkpoint else None, **final}
     return StageResult(samples=samples, tokens=int(samples * (mean_prompt + mean_response)), metrics=metrics,
                        artifacts={"adapters": f"ppo/{PPO_FINAL_DIR}", "log_history": f"ppo/{LOG_HISTORY_FILE}"})
+
+
+def trainer_checkpoint_step(checkpoint: Path | None) -> int:
+    """The PPO iteration a ``checkpoint-<step>`` folder was written at (0 without one)."""
+    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
 
 
 def _reward_functions(context: StageContext) -> list | None:

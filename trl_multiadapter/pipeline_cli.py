@@ -20,6 +20,7 @@ import sys
 PROG = "trl-multiadapter"
 DEFAULT_RECIPE = "tiny_cpu"
 STAGE_COMMANDS = ("reward", "ppo", "evaluate", "export")
+NO_LAUNCHER = "none"  # --accelerate_config none: run in this process, ignoring instance.accelerate_config
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validate, print the plan, the accelerate config, memory and cost estimates; run nothing")
     parser.add_argument("--accelerate_config", metavar="NAME|PATH",
                         help="re-launch under `accelerate launch` with this config: a bundled name "
-                             "(g5_12xlarge, single_gpu, multi_node_example, cpu_ddp) or a file")
+                             "(g5_12xlarge, single_gpu, multi_node_example, cpu_ddp) or a file; 'none' runs in "
+                             "this process, whatever the recipe's instance.accelerate_config says")
 
 
 def run_command(args: argparse.Namespace, until: str | None = None) -> int:
@@ -63,6 +65,8 @@ def _run(args: argparse.Namespace, command: str, until: str | None) -> int:
         raise RecipeError("stages", f"the recipe does not include the '{until}' stage.",
                           f"add '{until}' to stages, or use `{PROG} run`.")
     launch_name = args.accelerate_config or recipe.instance.accelerate_config
+    if launch_name == NO_LAUNCHER:
+        launch_name = None
     try:
         launch = read_accelerate_config(launch_name) if launch_name else None
     except AccelerateConfigError as error:
@@ -74,6 +78,8 @@ def _run(args: argparse.Namespace, command: str, until: str | None) -> int:
         print(format_plan(make_plan(recipe, launch_name)))
         print("Dry run: the recipe is valid; nothing was run.")
         return 0
+    if launch is not None and not is_launched():
+        _check_launch_hardware(launch, "--accelerate_config" if args.accelerate_config else "instance.accelerate_config")
     if launch is not None and launch.num_processes > 1 and not is_launched():
         check_runtime(recipe)  # fail here, in one line, rather than once per launched process
         return relaunch(launch, _relaunch_arguments(command, recipe, args))
@@ -81,8 +87,36 @@ def _run(args: argparse.Namespace, command: str, until: str | None) -> int:
 
     outcome = run_pipeline(recipe, until=until, on_stage=_print_stage)
     if outcome.report and _is_main_process():
+        headline = _headline(outcome.report)
+        if headline:
+            print(headline)
         print(f"report: {outcome.run_dir / 'report.md'}")
     return 0
+
+
+def _check_launch_hardware(launch, key: str) -> None:
+    """A config that asks for GPUs stops here, in one line, on a machine without CUDA."""
+    from .devices import cuda_available
+    from .recipe import RecipeError
+
+    requests = launch.gpu_requests
+    if requests and not cuda_available():
+        raise RecipeError(key, f"accelerate config {launch.name!r} asks for GPUs ({', '.join(requests)}) but this "
+                               "machine has no CUDA device.",
+                          f"use --accelerate_config cpu_ddp (2 CPU processes) or --accelerate_config {NO_LAUNCHER} "
+                          "(one process, no launcher).")
+
+
+def _headline(report: dict) -> str | None:
+    """The closing line: the report's first base vs aligned rows (ground truth first when the data has one)."""
+    headline = report.get("headline")
+    if not headline:
+        return None
+    parts = [f"{row['label']}: base {row['base']:.3f} -> aligned {row['aligned']:.3f}"
+             for row in headline["rows"][:2] if isinstance(row["base"], (int, float))]
+    if isinstance(headline.get("win_rate"), (int, float)):
+        parts.append(f"win rate {headline['win_rate']:.2f}")
+    return "result: " + "; ".join(parts) if parts else None
 
 
 def _is_flat_ppo_config(path: str | None) -> bool:
