@@ -1,0 +1,86 @@
+"""Preference data (Anthropic hh-rlhf) and prompt data (SQuAD): loading, parsing, chat-template encoding.
+
+This package knows nothing about PPO. It turns
+
+* hh-rlhf transcripts (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) into TRL's conversational preference
+  format: ``prompt`` (the shared turns), ``chosen`` / ``rejected`` (one assistant message each);
+* SQuAD questions (original nested JSON or the flat hub form) into ``prompt`` messages that keep their
+  reference ``answers`` for evaluation;
+
+and shortens or encodes them for a tokenizer's chat template. Every row that is dropped or shortened is
+counted in a :class:`DataReport`; nothing is dropped silently.
+
+Modules (one job each): ``sources`` (hub ids, local files and folders), ``hh_rlhf``, ``squad``,
+``chat`` (chat-template encoding), ``preference_pairs`` and ``prompts`` (fitting into a token budget),
+``squad_metrics`` (EM / F1), ``report`` (``DataReport`` and the reason names), ``rows`` (dataset helpers).
+
+Heavy libraries (``datasets``, ``pyarrow``) are imported inside the functions: the plugin registry imports
+this package to list the built-in data sources before torch is loaded.
+"""
+
+from .chat import encode_chat
+from .hh_rlhf import (
+    HH_RLHF_HUB_ID,
+    TranscriptError,
+    check_hh_roles,
+    hh_pair_to_preference,
+    load_hh_rlhf,
+    parse_hh_transcript,
+)
+from .preference_pairs import preference_pair_length, prepare_preference_pairs
+from .prompts import LONG_PROMPT_POLICIES, prepare_prompts
+from .report import (
+    BAD_ROW_POLICIES,
+    FINAL_TURN_TOO_LONG,
+    IDENTICAL_RESPONSES,
+    MALFORMED_ROW,
+    NO_ASSISTANT_TURN,
+    NON_STRING_FIELD,
+    PROMPT_TOO_LONG,
+    PROMPTS_DIFFER,
+    ROLES_OUT_OF_ORDER,
+    TEXT_BEFORE_FIRST_TURN,
+    DataReport,
+)
+from .squad import (
+    DEFAULT_SQUAD_SYSTEM_PROMPT,
+    SQUAD_HUB_ID,
+    format_squad_question,
+    load_squad_prompts,
+    squad_prompt_messages,
+)
+from .squad_metrics import normalize_squad_answer, squad_exact_match, squad_f1, squad_scores
+
+__all__ = [
+    "BAD_ROW_POLICIES",
+    "DEFAULT_SQUAD_SYSTEM_PROMPT",
+    "FINAL_TURN_TOO_LONG",
+    "HH_RLHF_HUB_ID",
+    "IDENTICAL_RESPONSES",
+    "LONG_PROMPT_POLICIES",
+    "MALFORMED_ROW",
+    "NON_STRING_FIELD",
+    "NO_ASSISTANT_TURN",
+    "PROMPTS_DIFFER",
+    "PROMPT_TOO_LONG",
+    "ROLES_OUT_OF_ORDER",
+    "SQUAD_HUB_ID",
+    "TEXT_BEFORE_FIRST_TURN",
+    "DataReport",
+    "TranscriptError",
+    "check_hh_roles",
+    "encode_chat",
+    "format_squad_question",
+    "hh_pair_to_preference",
+    "load_hh_rlhf",
+    "load_squad_prompts",
+    "normalize_squad_answer",
+    "parse_hh_transcript",
+    "preference_pair_length",
+    "prepare_preference_pairs",
+    "prepare_prompts",
+    "squad_exact_match",
+    "squad_f1",
+    "squad_prompt_messages",
+    "squad_scores",
+]
