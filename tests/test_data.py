@@ -287,9 +287,18 @@ def test_json_parquet_and_folder_sources_match_jsonl(synthetic_hh, tmp_path):
     assert load_hh_rlhf(tmp_path / "clone", data_dir="helpful-base", split="test").to_list() == expected[:5]
 
 
-def test_hub_id_goes_through_datasets_load_dataset(synthetic_hh, monkeypatch):
+def pretend_cached(monkeypatch, tmp_path, *repo_ids):
+    """An offline hub cache that holds ``repo_ids`` (empty folders: what trl_multiadapter.hub looks for)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    for repo_id in repo_ids:
+        owner, name = repo_id.split("/")
+        (tmp_path / "hub-cache" / f"datasets--{owner}--{name}").mkdir(parents=True)
+
+
+def test_hub_id_goes_through_datasets_load_dataset(synthetic_hh, monkeypatch, tmp_path):
     import datasets
 
+    pretend_cached(monkeypatch, tmp_path, "Anthropic/hh-rlhf")
     calls = []
     rows = [json.loads(line) for line in gzip.open(synthetic_hh, "rt")]
 
@@ -516,6 +525,7 @@ def test_squad_hub_id_goes_through_datasets_load_dataset(tmp_path, monkeypatch):
         return datasets.Dataset.from_list(FLAT)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    pretend_cached(monkeypatch, tmp_path, "rajpurkar/squad_v2")
     from_hub = load_squad_prompts("rajpurkar/squad_v2", split="validation").to_list()
     assert calls == [("rajpurkar/squad_v2", {"data_dir": None, "split": "validation"})]
     assert from_hub == load_squad_prompts(_write_squad_forms(tmp_path)["nested"]).to_list()

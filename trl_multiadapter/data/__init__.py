@@ -31,6 +31,7 @@ from .preference_pairs import preference_pair_length, prepare_preference_pairs
 from .prompts import LONG_PROMPT_POLICIES, prepare_prompts
 from .report import (
     BAD_ROW_POLICIES,
+    DUPLICATE_ID,
     FINAL_TURN_TOO_LONG,
     IDENTICAL_RESPONSES,
     MALFORMED_ROW,
@@ -41,6 +42,14 @@ from .report import (
     ROLES_OUT_OF_ORDER,
     TEXT_BEFORE_FIRST_TURN,
     DataReport,
+)
+from .sources import (
+    SPLIT_ALIASES,
+    DataSourceError,
+    DataSourceNotFoundError,
+    SplitSource,
+    find_split,
+    inspect_file,
 )
 from .squad import (
     DEFAULT_SQUAD_SYSTEM_PROMPT,
@@ -54,6 +63,7 @@ from .squad_metrics import normalize_squad_answer, squad_exact_match, squad_f1, 
 __all__ = [
     "BAD_ROW_POLICIES",
     "DEFAULT_SQUAD_SYSTEM_PROMPT",
+    "DUPLICATE_ID",
     "FINAL_TURN_TOO_LONG",
     "HH_RLHF_HUB_ID",
     "IDENTICAL_RESPONSES",
@@ -64,14 +74,20 @@ __all__ = [
     "PROMPTS_DIFFER",
     "PROMPT_TOO_LONG",
     "ROLES_OUT_OF_ORDER",
+    "SPLIT_ALIASES",
     "SQUAD_HUB_ID",
     "TEXT_BEFORE_FIRST_TURN",
     "DataReport",
+    "DataSourceError",
+    "DataSourceNotFoundError",
+    "SplitSource",
     "TranscriptError",
     "check_hh_roles",
     "encode_chat",
+    "find_split",
     "format_squad_question",
     "hh_pair_to_preference",
+    "inspect_file",
     "load_hh_rlhf",
     "load_squad_prompts",
     "normalize_squad_answer",

@@ -23,15 +23,20 @@ IDENTICAL_RESPONSES = "identical_responses"
 FINAL_TURN_TOO_LONG = "final_turn_too_long"
 PROMPT_TOO_LONG = "prompt_too_long"
 
+# Kept, but worth knowing: counted under ``flagged``.
+DUPLICATE_ID = "duplicate_id"  # a SQuAD id seen earlier in the same split
+
 BAD_ROW_POLICIES = ("skip", "error")
 _EXAMPLES_PER_REASON = 5
 
 
 @dataclass
 class DataReport:
-    """What a loading or preparation step kept, shortened and dropped (by reason), with example rows.
+    """What a loading or preparation step kept, shortened, flagged and dropped (by reason), with examples.
 
-    ``examples`` maps each reason (and ``"shortened"``) to the first few row indices of the step's input.
+    ``examples`` maps each reason (and ``"shortened"``) to the first few rows of the step's input: row
+    indices, or record locations (``"row 0.paragraphs[2].qas[1]"``) where rows are nested. ``flagged``
+    counts kept rows by a reason worth knowing (``duplicate_id``, ``merged_turns``).
     """
 
     step: str
@@ -39,7 +44,8 @@ class DataReport:
     kept: int = 0
     shortened: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-    examples: dict[str, list[int]] = field(default_factory=dict)
+    examples: dict[str, list[int | str]] = field(default_factory=dict)
+    flagged: dict[str, int] = field(default_factory=dict)
 
     @property
     def dropped_total(self) -> int:
@@ -51,8 +57,13 @@ class DataReport:
             self.shortened += 1
             self._add_example("shortened", row)
 
-    def record_dropped(self, row: int, reason: str) -> None:
+    def record_dropped(self, row: int | str, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self._add_example(reason, row)
+
+    def record_flagged(self, row: int | str, reason: str) -> None:
+        """Count a kept row under ``reason`` (call :meth:`record_kept` for it too)."""
+        self.flagged[reason] = self.flagged.get(reason, 0) + 1
         self._add_example(reason, row)
 
     def summary(self) -> str:
@@ -60,27 +71,30 @@ class DataReport:
         line = f"{self.step}: {self.total} rows, kept {self.kept} ({self.shortened} shortened"
         if self.shortened:
             line += f", e.g. rows {_row_list(self.examples['shortened'])}"
+        if self.flagged:
+            line += f"; flagged {self._reasons(self.flagged)}"
         line += f"), dropped {self.dropped_total}"
         if self.dropped:
-            reasons = "; ".join(
-                f"{reason} {count} (e.g. rows {_row_list(self.examples[reason])})"
-                for reason, count in sorted(self.dropped.items())
-            )
-            line += f": {reasons}"
+            line += f": {self._reasons(self.dropped)}"
         return line
 
-    def _add_example(self, key: str, row: int) -> None:
+    def _reasons(self, counts: dict[str, int]) -> str:
+        return "; ".join(
+            f"{reason} {count} (e.g. rows {_row_list(self.examples[reason])})" for reason, count in sorted(counts.items())
+        )
+
+    def _add_example(self, key: str, row: int | str) -> None:
         rows = self.examples.setdefault(key, [])
         if len(rows) < _EXAMPLES_PER_REASON:
             rows.append(row)
 
 
-def _row_list(rows: list[int]) -> str:
+def _row_list(rows: list[int | str]) -> str:
     return ", ".join(str(row) for row in rows)
 
 
 def log_report(report: DataReport) -> None:
-    if report.dropped_total or report.shortened:
+    if report.dropped_total or report.shortened or report.flagged:
         logger.warning(report.summary())
     else:
         logger.info(report.summary())

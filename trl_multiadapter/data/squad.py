@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..registry import register_data_source
+from .report import DUPLICATE_ID, DataReport, log_report
 from .rows import messages_feature
 from .sources import InvalidJson, SourceRow, source_label, source_rows
 
@@ -52,6 +53,7 @@ def load_squad_prompts(
     system_prompt: str | None = DEFAULT_SQUAD_SYSTEM_PROMPT,
     data_dir: str | None = None,
     include_context: bool = True,
+    return_report: bool = False,
 ):
     """Load SQuAD (v1.1 or v2.0) questions as prompts: columns ``id``, ``title``, ``context``, ``question``,
     ``answers`` (``{"text": [...], "answer_start": [...]}``, kept for evaluation), ``is_impossible`` and
@@ -62,20 +64,32 @@ def load_squad_prompts(
     records under a top-level ``"data"`` key (``title`` may be missing there). Both forms of the same
     questions give identical prompts. Unanswerable (v2) questions are kept with ``is_impossible=True``.
     ``include_context=False`` leaves the context out of the user message (the question alone).
+
+    An id seen earlier in the split (e.g. ``dev-v1.1.json`` and ``dev-v2.0.json`` listed together) is
+    kept and counted as ``duplicate_id`` in the report. Returns the dataset, or ``(dataset, DataReport)``
+    with ``return_report=True``; rows in the report are question indices.
     """
     from datasets import Dataset
 
+    label = source_label(path_or_hub_id, data_dir, split)
+    report = DataReport(f"load_squad_prompts({label})")
     records = []
     for source_row in source_rows(path_or_hub_id, data_dir, split, "load_squad_prompts"):
         records.extend(_squad_records(source_row))
     if not records:
-        raise ValueError(
-            f"load_squad_prompts: no questions in {source_label(path_or_hub_id, data_dir, split)}"
-        )
-    for record in records:
+        raise ValueError(f"load_squad_prompts: no questions in {label}")
+    seen_ids: set[str] = set()
+    for row, record in enumerate(records):
+        report.total += 1
+        report.record_kept(row)
+        if record["id"] in seen_ids:
+            report.record_flagged(row, DUPLICATE_ID)
+        seen_ids.add(record["id"])
         context = record["context"] if include_context else None
         record["prompt"] = squad_prompt_messages(context, record["question"], system_prompt)
-    return Dataset.from_list(records, features=_squad_features())
+    log_report(report)
+    dataset = Dataset.from_list(records, features=_squad_features())
+    return (dataset, report) if return_report else dataset
 
 
 def _squad_records(source_row: SourceRow) -> list[dict]:
