@@ -145,9 +145,9 @@ BAD_ROWS = {
         "chosen": "oops\n\nHuman: a\n\nAssistant: b",
         "rejected": render([user("a"), assistant("c")]),
     },
-    data.ROLES_OUT_OF_ORDER: {
-        "chosen": render([user("a"), user("a2"), assistant("b")]),
-        "rejected": render([user("a"), user("a2"), assistant("c")]),
+    data.ROLES_OUT_OF_ORDER: {  # opens with the assistant (consecutive turns of one role are merged)
+        "chosen": render([assistant("a"), user("a2"), assistant("b")]),
+        "rejected": render([assistant("a"), user("a2"), assistant("c")]),
     },
     data.NO_ASSISTANT_TURN: {"chosen": render([user("a")]), "rejected": render([user("a")])},
     data.PROMPTS_DIFFER: {
@@ -230,6 +230,83 @@ def test_on_bad_row_rejects_unknown_policy(tmp_path):
 def test_only_bad_rows_is_an_error_with_the_summary(tmp_path):
     with pytest.raises(ValueError, match="no usable preference pairs.*identical_responses 1"):
         load_hh_rlhf(write_jsonl(tmp_path / "p.jsonl", [BAD_ROWS[data.IDENTICAL_RESPONSES]]))
+
+
+# Real shapes: two Assistant turns in a row inside the shared conversation, at the end of the chosen text
+# only, two Human turns in a row, and an empty Assistant turn followed by a non-empty one.
+CONSECUTIVE_TURN_ROWS = [
+    {
+        "chosen": render([user("Is the kettle hot?"), assistant("Let me check."), assistant("Yes, careful."),
+                          user("Thanks. Tea?"), assistant("Green tea, then.")]),
+        "rejected": render([user("Is the kettle hot?"), assistant("Let me check."), assistant("Yes, careful."),
+                            user("Thanks. Tea?"), assistant("No.")]),
+    },
+    {
+        "chosen": render([user("Fold the map?"), assistant("Fold it in half."), assistant("Then in half again.")]),
+        "rejected": render([user("Fold the map?"), assistant("Do it yourself.")]),
+    },
+    {
+        "chosen": render([user("Hello."), user("Are you there?"), assistant("I am here.")]),
+        "rejected": render([user("Hello."), user("Are you there?"), assistant("Go away.")]),
+    },
+    {
+        "chosen": render([user("Name a river?"), assistant(""), assistant("The Nile.")]),
+        "rejected": render([user("Name a river?"), assistant(""), assistant("Not telling.")]),
+    },
+]
+MERGED_EXPECTED = [
+    {
+        "prompt": [user("Is the kettle hot?"), assistant("Let me check.\n\nYes, careful."), user("Thanks. Tea?")],
+        "chosen": [assistant("Green tea, then.")],
+        "rejected": [assistant("No.")],
+    },
+    {
+        "prompt": [user("Fold the map?")],
+        "chosen": [assistant("Fold it in half.\n\nThen in half again.")],
+        "rejected": [assistant("Do it yourself.")],
+    },
+    {
+        "prompt": [user("Hello.\n\nAre you there?")],
+        "chosen": [assistant("I am here.")],
+        "rejected": [assistant("Go away.")],
+    },
+    {
+        "prompt": [user("Name a river?")],
+        "chosen": [assistant("The Nile.")],
+        "rejected": [assistant("Not telling.")],
+    },
+]
+
+
+def test_consecutive_turns_of_one_role_are_merged_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_ROW, *CONSECUTIVE_TURN_ROWS])
+    dataset, report = load_hh_rlhf(path, return_report=True)
+    expected_good = {"prompt": GOOD_PROMPT, "chosen": [assistant("Gladly: fold it in half.")],
+                     "rejected": [assistant("Whatever.")]}
+    assert dataset.to_list() == [expected_good, *MERGED_EXPECTED]
+    assert (report.total, report.kept, report.dropped) == (5, 5, {})
+    assert report.flagged == {data.MERGED_TURNS: 4} and report.examples[data.MERGED_TURNS] == [1, 2, 3, 4]
+    assert "flagged merged_turns 4 (e.g. rows 1, 2, 3, 4)" in report.summary()
+
+
+def test_merge_turns_false_drops_them_as_roles_out_of_order(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_ROW, *CONSECUTIVE_TURN_ROWS])
+    dataset, report = load_hh_rlhf(path, return_report=True, merge_turns=False)
+    assert dataset.num_rows == 1 and report.dropped == {data.ROLES_OUT_OF_ORDER: 4} and report.flagged == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=_MESSAGES)
+def test_merging_matches_a_groupby_of_the_roles(messages):
+    from itertools import groupby
+
+    expected = [
+        {"role": role, "content": "\n\n".join(m["content"] for m in run if m["content"])}
+        for role, run in ((role, list(run)) for role, run in groupby(messages, key=lambda m: m["role"]))
+    ]
+    merged = data.merge_consecutive_turns(messages)
+    assert merged == expected
+    assert all(a["role"] != b["role"] for a, b in zip(merged, merged[1:]))
 
 
 def _expected_preferences(path) -> list[dict]:

@@ -25,6 +25,7 @@ from .hh_rlhf import (
     check_hh_roles,
     hh_pair_to_preference,
     load_hh_rlhf,
+    merge_consecutive_turns,
     parse_hh_transcript,
 )
 from .preference_pairs import preference_pair_length, prepare_preference_pairs
@@ -35,6 +36,7 @@ from .report import (
     FINAL_TURN_TOO_LONG,
     IDENTICAL_RESPONSES,
     MALFORMED_ROW,
+    MERGED_TURNS,
     NO_ASSISTANT_TURN,
     NON_STRING_FIELD,
     PROMPT_TOO_LONG,
@@ -69,6 +71,7 @@ __all__ = [
     "IDENTICAL_RESPONSES",
     "LONG_PROMPT_POLICIES",
     "MALFORMED_ROW",
+    "MERGED_TURNS",
     "NON_STRING_FIELD",
     "NO_ASSISTANT_TURN",
     "PROMPTS_DIFFER",
@@ -90,6 +93,7 @@ __all__ = [
     "inspect_file",
     "load_hh_rlhf",
     "load_squad_prompts",
+    "merge_consecutive_turns",
     "normalize_squad_answer",
     "parse_hh_transcript",
     "preference_pair_length",

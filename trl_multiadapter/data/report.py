@@ -25,6 +25,7 @@ PROMPT_TOO_LONG = "prompt_too_long"
 
 # Kept, but worth knowing: counted under ``flagged``.
 DUPLICATE_ID = "duplicate_id"  # a SQuAD id seen earlier in the same split
+MERGED_TURNS = "merged_turns"  # consecutive turns of one role, merged into one
 
 BAD_ROW_POLICIES = ("skip", "error")
 _EXAMPLES_PER_REASON = 5
