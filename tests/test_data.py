@@ -608,15 +608,84 @@ def test_squad_hub_id_goes_through_datasets_load_dataset(tmp_path, monkeypatch):
     assert from_hub == load_squad_prompts(_write_squad_forms(tmp_path)["nested"]).to_list()
 
 
-def test_malformed_squad_record_names_its_location(tmp_path):
+def _third_party_nested() -> dict:
+    """NESTED_V2 plus the damage third-party SQuAD-format files carry; every bad question is named here."""
+    document = json.loads(json.dumps(NESTED_V2))
+    qas = document["data"][0]["paragraphs"][0]["qas"]
+    qas.append({"id": "q3", "question": "Where is the river?", "answers": [{"text": "river", "answer_start": None}]})
+    qas.append({"question": "No id here?", "answers": [{"text": "Mira", "answer_start": 0}]})
+    qas.append({"id": "q5", "question": "Text is a number?", "answers": [{"text": 12, "answer_start": 0}]})
+    qas.append("not a question object")
+    qas.append({"id": "q7", "question": "How many steps?", "answers": [{"text": "12", "answer_start": 67}]})
+    document["data"][0]["paragraphs"].append(
+        {"qas": [{"id": "q8", "question": "Lost context?", "answers": []},
+                 {"id": "q9", "question": "Also lost?", "answers": []}]}
+    )
+    return document
+
+
+THIRD_PARTY_DROPS = {  # record path -> reason, written by hand from _third_party_nested
+    "bad.json: row 0.paragraphs[0].qas[2]": data.BAD_ANSWER,
+    "bad.json: row 0.paragraphs[0].qas[3]": data.MISSING_FIELD,
+    "bad.json: row 0.paragraphs[0].qas[4]": data.BAD_ANSWER,
+    "bad.json: row 0.paragraphs[0].qas[5]": data.MALFORMED_ROW,
+    "bad.json: row 0.paragraphs[1].qas[0]": data.MISSING_FIELD,
+    "bad.json: row 0.paragraphs[1].qas[1]": data.MISSING_FIELD,
+}
+
+
+def test_bad_squad_records_are_skipped_and_counted_by_reason(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_third_party_nested()))
+    dataset, report = load_squad_prompts(path, return_report=True)
+    assert dataset["id"] == ["q1", "q2", "q7"]
+    assert CONTEXT[67:69] == "12"  # q7's offset points at its answer
+    assert (report.total, report.kept) == (9, 3)
+    expected: dict[str, list[str]] = {}
+    for location, reason in THIRD_PARTY_DROPS.items():
+        expected.setdefault(reason, []).append(location)
+    assert report.dropped == {reason: len(rows) for reason, rows in expected.items()}
+    assert {reason: report.examples[reason] for reason in expected} == expected
+
+
+def test_bad_flat_squad_rows_are_skipped_and_counted(tmp_path):
+    rows = [*FLAT,
+            {"id": None, "context": CONTEXT, "question": "Null id?", "answers": {"text": [], "answer_start": []}},
+            {"id": "q4", "context": CONTEXT, "question": "Null start?",
+             "answers": {"text": ["harbor"], "answer_start": [None]}},
+            {"id": "q5", "context": CONTEXT, "question": "Unpaired?",
+             "answers": {"text": ["harbor", "the harbor"], "answer_start": [17]}},
+            [1, 2]]
+    path = tmp_path / "flat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{broken\n")
+    dataset, report = load_squad_prompts(path, return_report=True)
+    assert dataset["id"] == ["q1", "q2"]
+    assert report.dropped == {data.MISSING_FIELD: 1, data.BAD_ANSWER: 2, data.MALFORMED_ROW: 2}
+    assert report.examples[data.MALFORMED_ROW] == ["flat.jsonl: row 5 (line 6)", "flat.jsonl: row 6 (line 7)"]
+
+
+def test_on_bad_row_error_names_the_squad_record_path(tmp_path):
     broken = json.loads(json.dumps(NESTED_V2))
     del broken["data"][0]["paragraphs"][0]["qas"][1]["question"]
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
     with pytest.raises(
-        ValueError, match=r"broken\.json: row 0\.paragraphs\[0\]\.qas\[1\]: missing 'question'"
+        ValueError, match=r"broken\.json: row 0\.paragraphs\[0\]\.qas\[1\]: missing_field: missing 'question'"
     ):
-        load_squad_prompts(str(path))
+        load_squad_prompts(str(path), on_bad_row="error")
+    null_start = tmp_path / "null.json"
+    null_start.write_text(json.dumps(_third_party_nested()))
+    with pytest.raises(ValueError, match=r"qas\[2\]: bad_answer: answers\[0\]: missing 'answer_start'"):
+        load_squad_prompts(null_start, on_bad_row="error")
+    with pytest.raises(ValueError, match="choose one of skip, error"):
+        load_squad_prompts(null_start, on_bad_row="ignore")
+
+
+def test_only_bad_squad_records_is_an_error_with_the_summary(tmp_path):
+    path = tmp_path / "all_bad.jsonl"
+    path.write_text(json.dumps({"question": "no id or context"}) + "\n")
+    with pytest.raises(ValueError, match="no usable questions in .*missing_field 1"):
+        load_squad_prompts(path)
 
 
 # --------------------------------------------------------------------------------------- prompt encoding

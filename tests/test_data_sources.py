@@ -172,7 +172,10 @@ def test_an_explicit_file_list_is_one_split_and_repeated_ids_are_reported(origin
     one = load_squad_prompts(files[0])
     assert dataset.num_rows == 2 * one.num_rows == report.kept
     assert report.flagged == {DUPLICATE_ID: one.num_rows}
-    assert report.examples[DUPLICATE_ID] == list(range(one.num_rows, one.num_rows + 5))
+    second = json.loads(files[1].read_text())["data"]
+    second_paths = [f"dev-v2.0.json: row {a}.paragraphs[{p}].qas[{q}]" for a, article in enumerate(second)
+                    for p, paragraph in enumerate(article["paragraphs"]) for q in range(len(paragraph["qas"]))]
+    assert report.examples[DUPLICATE_ID] == second_paths[:5]
     assert f"flagged {DUPLICATE_ID} {one.num_rows}" in report.summary()
     assert find_split(files, None, "validation").whole_file
     with pytest.raises(DataSourceError, match="data_dir applies to hub ids and folders"):

@@ -343,8 +343,9 @@ def call_data_source(name: str, section: Any, split: str) -> tuple[Any, Any | No
     parameters = inspect.signature(source).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     kwargs = {key: value for key, value in candidates.items() if key in parameters or takes_any}
-    if kwargs.get("path_or_hub_id") is None:
-        kwargs.pop("path_or_hub_id", None)  # the source's own default (its hub id, or generated data)
+    for key in ("path_or_hub_id", "on_bad_row"):  # not set in this section: the source's own default
+        if kwargs.get(key) is None:
+            kwargs.pop(key, None)
     kwargs.update(section.options)
     output = source(**kwargs)
     if isinstance(output, tuple):

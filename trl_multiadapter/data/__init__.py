@@ -31,12 +31,14 @@ from .hh_rlhf import (
 from .preference_pairs import preference_pair_length, prepare_preference_pairs
 from .prompts import LONG_PROMPT_POLICIES, prepare_prompts
 from .report import (
+    BAD_ANSWER,
     BAD_ROW_POLICIES,
     DUPLICATE_ID,
     FINAL_TURN_TOO_LONG,
     IDENTICAL_RESPONSES,
     MALFORMED_ROW,
     MERGED_TURNS,
+    MISSING_FIELD,
     NO_ASSISTANT_TURN,
     NON_STRING_FIELD,
     PROMPT_TOO_LONG,
@@ -63,6 +65,7 @@ from .squad import (
 from .squad_metrics import normalize_squad_answer, squad_exact_match, squad_f1, squad_scores
 
 __all__ = [
+    "BAD_ANSWER",
     "BAD_ROW_POLICIES",
     "DEFAULT_SQUAD_SYSTEM_PROMPT",
     "DUPLICATE_ID",
@@ -72,6 +75,7 @@ __all__ = [
     "LONG_PROMPT_POLICIES",
     "MALFORMED_ROW",
     "MERGED_TURNS",
+    "MISSING_FIELD",
     "NON_STRING_FIELD",
     "NO_ASSISTANT_TURN",
     "PROMPTS_DIFFER",

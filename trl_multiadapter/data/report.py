@@ -22,6 +22,8 @@ PROMPTS_DIFFER = "prompts_differ"
 IDENTICAL_RESPONSES = "identical_responses"
 FINAL_TURN_TOO_LONG = "final_turn_too_long"
 PROMPT_TOO_LONG = "prompt_too_long"
+MISSING_FIELD = "missing_field"  # a SQuAD question without id / question / context, or of the wrong type
+BAD_ANSWER = "bad_answer"  # a SQuAD answer without text, or with an answer_start that is not a number
 
 # Kept, but worth knowing: counted under ``flagged``.
 DUPLICATE_ID = "duplicate_id"  # a SQuAD id seen earlier in the same split
@@ -71,7 +73,7 @@ class DataReport:
         """One line, e.g. ``load_hh_rlhf(x.jsonl): 10 rows, kept 8 (1 shortened), dropped 2: ...``."""
         line = f"{self.step}: {self.total} rows, kept {self.kept} ({self.shortened} shortened"
         if self.shortened:
-            line += f", e.g. rows {_row_list(self.examples['shortened'])}"
+            line += f", e.g. {_row_list(self.examples['shortened'])}"
         if self.flagged:
             line += f"; flagged {self._reasons(self.flagged)}"
         line += f"), dropped {self.dropped_total}"
@@ -81,7 +83,7 @@ class DataReport:
 
     def _reasons(self, counts: dict[str, int]) -> str:
         return "; ".join(
-            f"{reason} {count} (e.g. rows {_row_list(self.examples[reason])})" for reason, count in sorted(counts.items())
+            f"{reason} {count} (e.g. {_row_list(self.examples[reason])})" for reason, count in sorted(counts.items())
         )
 
     def _add_example(self, key: str, row: int | str) -> None:
@@ -91,6 +93,9 @@ class DataReport:
 
 
 def _row_list(rows: list[int | str]) -> str:
+    """``rows 2, 5`` for row indices; record paths (``dev.json: row 0.paragraphs[1].qas[0]``) as they are."""
+    if all(isinstance(row, int) for row in rows):
+        return "rows " + ", ".join(str(row) for row in rows)
     return ", ".join(str(row) for row in rows)
 
 
