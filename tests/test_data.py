@@ -736,7 +736,7 @@ def test_cut_context_keeps_whole_sentences_around_the_answer(tiny_tokenizer, squ
         kept = [sentence.strip() for sentence in _sentences(row["context"])]
         first = sentences.index(kept[0])
         assert sentences[first : first + len(kept)] == kept  # a contiguous run of whole sentences
-        assert row["answers"]["text"][0] == original["answers"]["text"][0]
+        assert row["answers"]["text"] == original["answers"]["text"]  # every answer survives the cut
         for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"]):
             assert row["context"][start : start + len(text)] == text
         # Maximal: one more sentence on either side would not fit.
@@ -748,6 +748,86 @@ def test_cut_context_keeps_whole_sentences_around_the_answer(tiny_tokenizer, squ
                     user(f"Context: {' '.join(wider)}\n\nQuestion: {original['question']}"),
                 ]
                 assert len(template_ids(tiny_tokenizer, prompt, True)) > limit
+
+
+# Real contexts are full of initials and abbreviations before the answers ("Running back C. J. Anderson").
+INITIALS_SENTENCES = [
+    "The Harbor Owls opened the season at home against the River Foxes.",
+    "Running back C. J. Anderson ran for 90 yards before the half.",
+    "Safety T. J. Ward made the key stop near St. Louis Street.",
+    "Dr. Mira Lane of the U.S. rowing team watched from the north stand.",
+    "The Owls won by three points.",
+    "Fans walked home along the river after the game.",
+]
+INITIALS_CONTEXT = " ".join(INITIALS_SENTENCES)
+
+
+def _answer(text: str, after: int = 0) -> dict:
+    return {"text": text, "answer_start": INITIALS_CONTEXT.index(text, after)}
+
+
+INITIALS_QUESTIONS = {
+    "q1": ("Who ran for 90 yards?", [_answer("C. J. Anderson"), _answer("Anderson"), _answer("C. J. Anderson")]),
+    "q2": ("Who made the key stop?", [_answer("T. J. Ward"), _answer("Ward")]),
+    "q3": ("Who watched from the north stand?", [_answer("Dr. Mira Lane"), _answer("Mira Lane")]),
+    # Reference answers in the first and the fifth sentence: no short window holds both.
+    "q4": ("Which team opened at home?", [_answer("The Harbor Owls"), _answer("The Owls", 60)]),
+    "q5": ("Who sold the tickets?", []),  # v2.0: unanswerable
+}
+
+
+def test_sentences_do_not_end_at_initials_or_abbreviations():
+    spans = data.sentence_spans(INITIALS_CONTEXT)
+    assert [INITIALS_CONTEXT[start:end] for start, end in spans] == INITIALS_SENTENCES
+    text = 'He said "Go now." Then he left! Did he? Yes. It was 1990. Done'
+    assert [text[a:b] for a, b in data.sentence_spans(text)] == [
+        'He said "Go now."', "Then he left!", "Did he?", "Yes.", "It was 1990.", "Done"]
+
+
+@pytest.fixture
+def initials_prompts(tmp_path):
+    qas = [{"id": qid, "question": question, "answers": answers, "is_impossible": not answers}
+           for qid, (question, answers) in INITIALS_QUESTIONS.items()]
+    path = tmp_path / "initials.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": [
+        {"title": "Owls", "paragraphs": [{"context": INITIALS_CONTEXT, "qas": qas}]}]}))
+    return load_squad_prompts(path, system_prompt=None)
+
+
+def _window_length(tokenizer, question: str, first: int, last: int) -> int:
+    window = " ".join(INITIALS_SENTENCES[first : last + 1])
+    return len(template_ids(tokenizer, [user(f"Context: {window}\n\nQuestion: {question}")], True))
+
+
+def test_cut_context_keeps_every_answer_or_drops_the_row_as_answer_cut(tiny_tokenizer, initials_prompts):
+    answer_sentence = {"q1": 1, "q2": 2, "q3": 3, "q4": 0, "q5": 0}
+    limit = max(_window_length(tiny_tokenizer, INITIALS_QUESTIONS[qid][0], index, index)
+                for qid, index in answer_sentence.items())
+    assert _window_length(tiny_tokenizer, INITIALS_QUESTIONS["q4"][0], 0, 4) > limit  # q4 cannot keep both
+    assert _window_length(tiny_tokenizer, INITIALS_QUESTIONS["q1"][0], 0, 5) > limit  # every row is cut
+
+    prepared, report = prepare_prompts(initials_prompts, tiny_tokenizer, limit, long_prompts="cut_context")
+
+    assert report.dropped == {data.ANSWER_CUT: 1} and report.examples[data.ANSWER_CUT] == [3]
+    assert prepared["id"] == ["q1", "q2", "q3", "q5"] and report.shortened == 4
+    assert {"id", "context", "answers", "is_impossible", "input_ids"} <= set(prepared.column_names)
+    for row in prepared:
+        question, answers = INITIALS_QUESTIONS[row["id"]]
+        assert row["answers"]["text"] == [answer["text"] for answer in answers]
+        offset = INITIALS_CONTEXT.index(row["context"])  # the cut context is one piece of the original
+        for answer, start in zip(answers, row["answers"]["answer_start"]):
+            assert start == answer["answer_start"] - offset
+            assert row["context"][start : start + len(answer["text"])] == answer["text"]
+        kept = [sentence for sentence in INITIALS_SENTENCES if sentence in row["context"]]
+        assert row["context"] == " ".join(kept)  # whole sentences: never "... Running back C. J."
+        assert len(row["input_ids"]) <= limit
+    assert prepared[3]["is_impossible"] is True  # q5 stays unanswerable, with no answers
+    assert prepared[3]["answers"] == {"text": [], "answer_start": []}
+
+
+def test_a_prompt_that_cannot_fit_at_all_is_prompt_too_long(tiny_tokenizer, initials_prompts):
+    prepared, report = prepare_prompts(initials_prompts, tiny_tokenizer, 8, long_prompts="cut_context")
+    assert prepared.num_rows == 0 and report.dropped == {data.PROMPT_TOO_LONG: 5}
 
 
 def test_cut_context_needs_context_and_question_columns(tiny_tokenizer, squad_prompts):

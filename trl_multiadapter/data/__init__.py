@@ -19,6 +19,7 @@ this package to list the built-in data sources before torch is loaded.
 """
 
 from .chat import encode_chat
+from .context_window import answer_sentences, sentence_spans
 from .hh_rlhf import (
     HH_RLHF_HUB_ID,
     TranscriptError,
@@ -31,6 +32,7 @@ from .hh_rlhf import (
 from .preference_pairs import preference_pair_length, prepare_preference_pairs
 from .prompts import LONG_PROMPT_POLICIES, prepare_prompts
 from .report import (
+    ANSWER_CUT,
     BAD_ANSWER,
     BAD_ROW_POLICIES,
     DUPLICATE_ID,
@@ -65,6 +67,7 @@ from .squad import (
 from .squad_metrics import normalize_squad_answer, squad_exact_match, squad_f1, squad_scores
 
 __all__ = [
+    "ANSWER_CUT",
     "BAD_ANSWER",
     "BAD_ROW_POLICIES",
     "DEFAULT_SQUAD_SYSTEM_PROMPT",
@@ -89,6 +92,7 @@ __all__ = [
     "DataSourceNotFoundError",
     "SplitSource",
     "TranscriptError",
+    "answer_sentences",
     "check_hh_roles",
     "encode_chat",
     "find_split",
@@ -103,6 +107,7 @@ __all__ = [
     "preference_pair_length",
     "prepare_preference_pairs",
     "prepare_prompts",
+    "sentence_spans",
     "squad_exact_match",
     "squad_f1",
     "squad_prompt_messages",

@@ -1,14 +1,13 @@
 """SQuAD prompts encoded for generation (chat template + assistant header); over-long ones dropped or
-their context cut to whole sentences around the answer."""
+their context cut to whole sentences around every reference answer."""
 
 from __future__ import annotations
 
-import bisect
-import re
 from typing import TYPE_CHECKING
 
 from .chat import encode_chat, encode_chats
-from .report import PROMPT_TOO_LONG, DataReport, log_report
+from .context_window import answer_sentences, sentence_spans
+from .report import ANSWER_CUT, PROMPT_TOO_LONG, DataReport, log_report
 from .rows import ENCODE_BATCH_SIZE, batched, check_columns, check_length, dataset_from_rows
 from .squad import format_squad_question
 
@@ -25,9 +24,11 @@ def prepare_prompts(
     answer) into an ``input_ids`` column with one BOS. Nothing is truncated at random.
 
     Prompts longer than ``max_prompt_length`` are dropped and counted (``long_prompts="drop"``), or, with
-    ``long_prompts="cut_context"`` on SQuAD prompts, the context is cut at sentence boundaries around the
-    sentence holding the first reference answer until it fits (counted as shortened; ``context`` and
-    ``answer_start`` follow the cut); a prompt that cannot fit even so is dropped.
+    ``long_prompts="cut_context"`` on SQuAD prompts, the context is cut to the widest run of whole
+    sentences that holds every reference answer (by ``answer_start``) and fits, growing earlier text
+    first (counted as shortened; ``context`` and ``answer_start`` follow the cut, every answer is kept).
+    A prompt whose answers cannot all be kept is dropped as ``answer_cut``, one that cannot fit at all as
+    ``prompt_too_long``. Every other column (``id``, ``answers``, ...) is kept.
     """
     step = "prepare_prompts"
     check_columns(dataset, ("prompt",), step)
@@ -51,9 +52,12 @@ def prepare_prompts(
             report.record_kept(index)
             kept_rows.append({**row, "input_ids": input_ids})
             continue
-        shortened = _cut_context(tokenizer, row, max_prompt_length) if long_prompts == "cut_context" else None
-        if shortened is None:
+        if long_prompts != "cut_context":
             report.record_dropped(index, PROMPT_TOO_LONG)
+            continue
+        shortened, reason = _cut_context(tokenizer, row, max_prompt_length)
+        if shortened is None:
+            report.record_dropped(index, reason)
             continue
         report.record_kept(index, shortened=True)
         kept_rows.append(shortened)
@@ -63,36 +67,25 @@ def prepare_prompts(
     return dataset_from_rows(kept_rows, features), report
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def _sentence_spans(text: str) -> list[tuple[int, int]]:
-    spans, start = [], 0
-    for match in _SENTENCE_END.finditer(text):
-        spans.append((start, match.start()))
-        start = match.end()
-    if start < len(text):
-        spans.append((start, len(text)))
-    return spans
-
-
-def _cut_context(tokenizer, row: dict, max_prompt_length: int) -> dict | None:
-    """The row with the widest window of whole sentences that fits, grown around the answer sentence."""
+def _cut_context(tokenizer, row: dict, max_prompt_length: int) -> tuple[dict | None, str]:
+    """``(row with the widest window of whole sentences that holds every answer and fits, "")``, or
+    ``(None, reason)``."""
     context = row["context"]
-    spans = _sentence_spans(context)
+    spans = sentence_spans(context)
     if not spans or row["prompt"][-1]["content"] != format_squad_question(context, row["question"]):
-        return None  # the user message does not hold this context: cutting it cannot shorten the prompt
-    starts = row.get("answers", {}).get("answer_start") or []
-    anchor = max(0, bisect.bisect_right([span[0] for span in spans], starts[0]) - 1) if starts else 0
+        return None, PROMPT_TOO_LONG  # the user message does not hold this context: cutting cannot help
+    answers = row.get("answers") or {"text": [], "answer_start": []}
+    needed = answer_sentences(spans, answers["text"], answers["answer_start"]) or (0, 0)
 
     def encode(first: int, last: int) -> dict:
-        window_start, window_end = spans[first][0], spans[last][1]
-        return _row_with_context(tokenizer, row, window_start, window_end)
+        return _row_with_context(tokenizer, row, spans[first][0], spans[last][1])
 
-    best = encode(anchor, anchor)
+    best = encode(*needed)
     if len(best["input_ids"]) > max_prompt_length:
-        return None
-    first = last = anchor
+        # Answers in sentences too far apart to fit together; a window without some of them would fit.
+        one_sentence = needed[0] != needed[1] and len(encode(needed[0], needed[0])["input_ids"]) <= max_prompt_length
+        return None, ANSWER_CUT if one_sentence else PROMPT_TOO_LONG
+    first, last = needed
     grown = True
     while grown:
         grown = False
@@ -102,29 +95,20 @@ def _cut_context(tokenizer, row: dict, max_prompt_length: int) -> dict | None:
                 if len(attempt["input_ids"]) <= max_prompt_length:
                     first, last, best, grown = candidate[0], candidate[1], attempt, True
                     break
-    return best
+    return best, ""
 
 
 def _row_with_context(tokenizer, row: dict, window_start: int, window_end: int) -> dict:
     context = row["context"][window_start:window_end]
-    answers = row.get("answers")
-    if answers is not None:  # keep the answers inside the window, their offsets moved with it
-        inside = [
-            (text, start - window_start)
-            for text, start in zip(answers["text"], answers["answer_start"])
-            if window_start <= start and start + len(text) <= window_end
-        ]
-        answers = {"text": [text for text, _ in inside], "answer_start": [start for _, start in inside]}
     prompt = [
         *row["prompt"][:-1],
         {"role": "user", "content": format_squad_question(context, row["question"])},
     ]
-    shortened = {
-        **row,
-        "context": context,
-        "prompt": prompt,
-        "input_ids": encode_chat(tokenizer, prompt, True),
-    }
-    if answers is not None:
-        shortened["answers"] = answers
+    shortened = {**row, "context": context, "prompt": prompt, "input_ids": encode_chat(tokenizer, prompt, True)}
+    answers = row.get("answers")
+    if answers is not None:  # the window holds every answer: only the offsets move
+        shortened["answers"] = {
+            "text": list(answers["text"]),
+            "answer_start": [start - window_start for start in answers["answer_start"]],
+        }
     return shortened

@@ -22,6 +22,7 @@ PROMPTS_DIFFER = "prompts_differ"
 IDENTICAL_RESPONSES = "identical_responses"
 FINAL_TURN_TOO_LONG = "final_turn_too_long"
 PROMPT_TOO_LONG = "prompt_too_long"
+ANSWER_CUT = "answer_cut"  # the context cannot be cut to fit without losing a reference answer
 MISSING_FIELD = "missing_field"  # a SQuAD question without id / question / context, or of the wrong type
 BAD_ANSWER = "bad_answer"  # a SQuAD answer without text, or with an answer_start that is not a number
 
