@@ -133,6 +133,14 @@ def test_aligned_policy_beats_the_base_on_held_out_prompts(tiny_run):
     assert headline.index("`ground_truth_rate`") < headline.index("`mean_reward`")
     assert f"## Sample generations ({len(samples)} held-out prompts)" in report
     assert "![training curves](evaluate/training_curves.png)" in report
+    # SQuAD scores: every prompt is scored or counted as skipped (with the reason in the key name).
+    from trl_multiadapter.data import squad_scores
+
+    for policy in ("base", "aligned"):
+        scored = metrics[policy]["squad_scored"] + metrics[policy]["squad_skipped_unanswerable"]
+        assert scored == metrics["num_prompts"]
+        again = squad_scores([s[f"{policy}_response"] for s in samples], [s["answers"] for s in samples])
+        assert again["exact_match"] == pytest.approx(metrics[policy]["exact_match"])
 
 
 @pytest.mark.slow

@@ -216,9 +216,11 @@ def _policy_metrics(record: _PolicyRecord, answers, ground_truth, prompts) -> di
     metrics.update(length_distribution(record.lengths))
     metrics["stop_rate"] = sum(record.stopped) / count
     if answers is not None:
+        # v1.1 scores answerable prompts and counts the rest as skipped; v2.0 (chosen when some prompt has
+        # no answer) scores every prompt, also by has_answer / no_answer.
         squad = squad_scores(record.texts, answers)
-        metrics["exact_match"] = squad["exact_match"]
-        metrics["f1"] = squad["f1"]
+        metrics["exact_match"], metrics["f1"] = squad.pop("exact_match"), squad.pop("f1")
+        metrics |= {f"squad_{key}": value for key, value in squad.items()}
     return metrics
 
 
