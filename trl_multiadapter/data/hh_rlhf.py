@@ -23,7 +23,7 @@ from .report import (
     log_report,
 )
 from .rows import messages_feature
-from .sources import InvalidJson, source_label, source_rows
+from .sources import InvalidJson, reads_split_files, source_label, source_rows
 
 HH_RLHF_HUB_ID = "Anthropic/hh-rlhf"
 
@@ -148,6 +148,7 @@ def _preference_features():
 
 
 @register_data_source("hh_rlhf")
+@reads_split_files
 def load_hh_rlhf(
     path_or_hub_id: str | os.PathLike = HH_RLHF_HUB_ID,
     data_dir: str | None = None,

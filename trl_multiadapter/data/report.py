@@ -100,6 +100,26 @@ def _row_list(rows: list[int | str]) -> str:
     return ", ".join(str(row) for row in rows)
 
 
+class TooManyDroppedError(ValueError):
+    """A step dropped more than the allowed share of its rows; the message gives the counts by reason."""
+
+
+def check_drop_fraction(report: DataReport, max_drop_fraction: float, setting: str = "max_drop_fraction") -> None:
+    """Raise :class:`TooManyDroppedError` when ``report`` dropped more than ``max_drop_fraction`` of its rows.
+
+    A source where nearly every row is malformed is the wrong file or the wrong format; carrying on with
+    the few rows left would train on them silently. ``setting`` names the knob in the message.
+    """
+    if not report.total or report.dropped_total / report.total <= max_drop_fraction:
+        return
+    share = report.dropped_total / report.total
+    raise TooManyDroppedError(
+        f"{report.step}: dropped {report.dropped_total} of {report.total} rows ({share:.1%}), more than "
+        f"{setting}={max_drop_fraction}: {report._reasons(report.dropped)}; check that the source is the "
+        f"right file in the right format, or raise {setting}"
+    )
+
+
 def log_report(report: DataReport) -> None:
     if report.dropped_total or report.shortened or report.flagged:
         logger.warning(report.summary())

@@ -76,6 +76,13 @@ class SplitSource:
 # ------------------------------------------------------------------------------------------- resolution
 
 
+def reads_split_files(loader):
+    """Mark a data source that reads its ``path_or_hub_id`` / ``data_dir`` / ``split`` with the rules of
+    :func:`find_split` (so the data stage knows when a source has no eval split of its own)."""
+    loader.reads_split_files = True
+    return loader
+
+
 def is_local(path_or_hub_id: str | os.PathLike | Sequence) -> bool:
     if isinstance(path_or_hub_id, (list, tuple)):
         return True

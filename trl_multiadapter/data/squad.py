@@ -18,7 +18,7 @@ from .report import (
     log_report,
 )
 from .rows import messages_feature
-from .sources import InvalidJson, SourceRow, source_label, source_rows
+from .sources import InvalidJson, SourceRow, reads_split_files, source_label, source_rows
 
 SQUAD_HUB_ID = "rajpurkar/squad"
 DEFAULT_SQUAD_SYSTEM_PROMPT = "Answer the question with a short phrase copied from the context."
@@ -55,6 +55,7 @@ def _squad_features():
 
 
 @register_data_source("squad")
+@reads_split_files
 def load_squad_prompts(
     path_or_hub_id: str | os.PathLike = SQUAD_HUB_ID,
     split: str = "train",
