@@ -367,6 +367,59 @@ def resolve_split_files(section: Any, files: Sequence[str]) -> list[str]:
     return [str(Path(name).expanduser() if Path(name).expanduser().is_absolute() else base / name) for name in files]
 
 
+# Which recipe key chose the source, by the loader argument a DataSourceError names.
+_SOURCE_KEYS = {"path_or_hub_id": "path", "data_dir": "data_dir", "split": "{role}_split", "files": "{role}_files"}
+
+
+def check_data_sources(recipe: Recipe, *, dry_run: bool = False) -> list[str]:
+    """Check every data source of the recipe in seconds, before any work (``run`` and ``--dry_run``).
+
+    Files exist and are what their names say, each split resolves to its files, the first rows have the
+    loader's fields, ``data_dir`` is not given with a file, hub ids are reachable. Only sources that carry
+    a check (the built-in ``hh_rlhf`` and ``squad``; plugins may add ``check_split``) are looked at.
+    Raises ``RecipeError`` naming the key (``data.preference.path: ...``); returns notes (a carved eval
+    split, a hub id a dry run could not reach).
+    """
+    from .data import DataSourceError
+    from .registry import data_sources
+
+    notes = []
+    for kind in ("preference", "prompts"):
+        section = getattr(recipe.data, kind)
+        source = data_sources.get(section.source)
+        check = getattr(source, "check_split", None)
+        if check is None:
+            continue
+        default = inspect.signature(source).parameters.get("path_or_hub_id")
+        for role in ("train", "eval"):
+            split, files = getattr(section, f"{role}_split"), getattr(section, f"{role}_files")
+            if split is None and not files:
+                continue
+            path = resolve_split_files(section, files) if files else section.path
+            if path is None and default is not None:
+                path = default.default
+            try:
+                note = check(path, None if files else getattr(section, "data_dir", None), split or role,
+                             required=role == "train" or bool(files))
+            except DataSourceError as error:
+                if dry_run and error.hub:
+                    notes.append(f"data.{kind}.path: {error} (a dry run goes on; a run stops here)")
+                    continue
+                key = _SOURCE_KEYS.get(error.argument, "path").format(role=role)
+                if files and key == "path":
+                    key = f"{role}_files"
+                fix = error.fix + (f" (data.{kind}.{role}_files: [...])" if error.argument == "split" else "")
+                raise RecipeError(f"data.{kind}.{key}", f"{error.source}: {error.problem}.", f"{fix}.") from None
+            if note:
+                notes.append(f"data.{kind} {role}: {note}")
+    return list(dict.fromkeys(notes))  # one hub id checked for both splits is one note
+
+
+def data_stage_pending(recipe: Recipe) -> bool:
+    """True when a run would execute the data stage (it is in the recipe and not finished)."""
+    return "data" in recipe.stages and not (Path(recipe.output_dir) / "data" / STAGE_MARKER).is_file()
+
+
 def _subsample(dataset, limit: int | None, seed: int):
     if limit is None or len(dataset) <= limit:
         return dataset
@@ -463,6 +516,8 @@ def data_stage(context: StageContext) -> StageResult:
     from .data import drop_train_overlap
 
     recipe, out = context.recipe, context.stage_dir
+    for note in check_data_sources(recipe):  # before the base model or any data is written
+        logger.info("stage data: %s", note)
     tokenizer = load_tokenizer(context)
     materialise_base_model(context)
     counts: dict[str, Any] = {}

@@ -51,6 +51,7 @@ from .report import (
     TooManyDroppedError,
     check_drop_fraction,
 )
+from .source_check import check_split
 from .sources import (
     SPLIT_ALIASES,
     DataSourceError,
@@ -114,6 +115,7 @@ __all__ = [
     "carve_reason",
     "check_drop_fraction",
     "check_hh_roles",
+    "check_split",
     "content_keys",
     "drop_train_overlap",
     "encode_chat",

@@ -23,6 +23,7 @@ from .report import (
     log_report,
 )
 from .rows import messages_feature
+from .source_check import attach_check, first_rows_problem
 from .sources import InvalidJson, reads_split_files, source_label, source_rows
 
 HH_RLHF_HUB_ID = "Anthropic/hh-rlhf"
@@ -215,3 +216,14 @@ def _preference_from_record(record: Any, merge_turns: bool) -> tuple[dict[str, l
         )
     return _preference_pair(record.get("chosen"), record.get("rejected"), merge_turns)
 
+
+
+def _first_rows_problem(rows) -> str | None:
+    return first_rows_problem(
+        rows, lambda record: isinstance(record.get("chosen"), str) and isinstance(record.get("rejected"), str),
+        "'chosen' / 'rejected' transcripts",
+    )
+
+
+attach_check(load_hh_rlhf, _first_rows_problem,
+             "point the path at hh-rlhf data: one {'chosen': '...', 'rejected': '...'} object per row")

@@ -18,6 +18,7 @@ from .report import (
     log_report,
 )
 from .rows import messages_feature
+from .source_check import attach_check, first_rows_problem
 from .sources import InvalidJson, SourceRow, reads_split_files, source_label, source_rows
 
 SQUAD_HUB_ID = "rajpurkar/squad"
@@ -256,3 +257,14 @@ def _answers_from_columns(answers: dict) -> dict[str, list]:
         raise BadRecord(BAD_ANSWER, f"answers has {len(texts)} texts but {len(starts)} answer_start values; "
                                     f"they must pair up")
     return {"text": texts, "answer_start": [int(start) for start in starts]}
+
+
+def _first_rows_problem(rows) -> str | None:
+    return first_rows_problem(
+        rows, lambda record: "paragraphs" in record or ("question" in record and "context" in record),
+        "SQuAD records (nested data[].paragraphs[].qas[], or flat id / context / question / answers)",
+    )
+
+
+attach_check(load_squad_prompts, _first_rows_problem,
+             "point the path at SQuAD data: the original nested JSON or flat records with context and question")
