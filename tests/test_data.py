@@ -871,3 +871,20 @@ def test_builtin_data_sources_are_registered():
 
     assert data_sources.get("hh_rlhf") is load_hh_rlhf
     assert data_sources.get("squad") is load_squad_prompts
+
+
+def test_drop_limit_is_a_share_of_the_rows_and_names_the_setting():
+    report = DataReport("load_hh_rlhf(x.jsonl)", total=4)
+    for row in (0, 1):
+        report.record_kept(row)
+    report.record_dropped(2, data.MALFORMED_ROW)
+    report.record_dropped(3, data.NON_STRING_FIELD)
+    data.check_drop_fraction(report, 0.5)  # exactly half: allowed
+    with pytest.raises(data.TooManyDroppedError) as caught:
+        data.check_drop_fraction(report, 0.49, "data.max_drop_fraction")
+    assert str(caught.value) == (
+        "load_hh_rlhf(x.jsonl): dropped 2 of 4 rows (50.0%), more than data.max_drop_fraction=0.49: "
+        "malformed_row 1 (e.g. rows 2); non_string_field 1 (e.g. rows 3); check that the source is the right "
+        "file in the right format, or raise data.max_drop_fraction"
+    )
+    data.check_drop_fraction(DataReport("empty"), 0.0)  # nothing read: nothing to judge
