@@ -10,9 +10,13 @@ This package knows nothing about PPO. It turns
 and shortens or encodes them for a tokenizer's chat template. Every row that is dropped or shortened is
 counted in a :class:`DataReport`; nothing is dropped silently.
 
-Modules (one job each): ``sources`` (hub ids, local files and folders), ``hh_rlhf``, ``squad``,
-``chat`` (chat-template encoding), ``preference_pairs`` and ``prompts`` (fitting into a token budget),
-``squad_metrics`` (EM / F1), ``report`` (``DataReport`` and the reason names), ``rows`` (dataset helpers).
+Modules (one job each): ``sources`` (hub ids, local files, folders of split files, file lists; what a
+file really is), ``source_check`` (the quick look before any work), ``hh_rlhf``, ``squad``, ``chat``
+(chat-template encoding), ``preference_pairs`` and ``prompts`` (fitting into a token budget),
+``context_window`` (SQuAD sentences and the window that holds every answer), ``splits`` (the seeded
+held-out carve, no eval row that train has), ``squad_metrics`` (EM / F1 as the official v1.1 and v2.0
+scripts), ``report`` (``DataReport``, reason names, the drop limit), ``rows`` (dataset helpers).
+See docs/data.md.
 
 Heavy libraries (``datasets``, ``pyarrow``) are imported inside the functions: the plugin registry imports
 this package to list the built-in data sources before torch is loaded.

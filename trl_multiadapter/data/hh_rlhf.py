@@ -163,8 +163,10 @@ def load_hh_rlhf(
 
     ``path_or_hub_id`` is a hub id (read with ``datasets.load_dataset(id, data_dir=, split=)``, e.g.
     ``"Anthropic/hh-rlhf"`` with ``data_dir="helpful-base"``), a local ``.jsonl``, ``.jsonl.gz``,
-    ``.json`` or ``.parquet`` file (the whole file is the split), or a local folder holding
-    ``[data_dir/]<split>.jsonl.gz``-like files (a clone of the hub repository).
+    ``.json`` or ``.parquet`` file (the whole file is the split), a local folder holding
+    ``[data_dir/]<split>.jsonl.gz``-like files (a clone of the hub repository; split names as in
+    :func:`.sources.find_split`), or a list of files (one split). A file that is not what its name says
+    (a Git LFS pointer, a JSON array saved as ``.jsonl``, ...) is a one-line ``DataSourceError``.
 
     Rows that cannot be used (see the reason constants: missing or non-string fields, text before the
     first turn, roles out of order, no final assistant turn, prompts that differ between chosen and
