@@ -137,10 +137,10 @@ def test_aligned_policy_beats_the_base_on_held_out_prompts(tiny_run):
     # SQuAD scores: every prompt is scored or counted as skipped (with the reason in the key name).
     from trl_multiadapter.data import squad_scores
 
+    assert metrics["squad"]["scored"] + metrics["squad"]["skipped_unanswerable"] == metrics["num_prompts"]
     for policy in ("base", "aligned"):
-        scored = metrics[policy]["squad_scored"] + metrics[policy]["squad_skipped_unanswerable"]
-        assert scored == metrics["num_prompts"]
         again = squad_scores([s[f"{policy}_response"] for s in samples], [s["answers"] for s in samples])
+        assert again["version"] == metrics["squad"]["version"] and again["scored"] == metrics["squad"]["scored"]
         assert again["exact_match"] == pytest.approx(metrics[policy]["exact_match"])
 
 

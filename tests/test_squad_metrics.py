@@ -161,3 +161,15 @@ def test_argument_types_are_checked(call, message):
 def test_counts_must_match():
     with pytest.raises(ValueError, match="2 predictions for 1 answer lists"):
         squad_scores(["a", "b"], [["a"]])
+
+
+def test_coverage_says_what_is_scored_and_why_the_rest_is_skipped():
+    from trl_multiadapter.data import squad_coverage
+
+    answers = [["harbor"], [], {"text": ["river"], "answer_start": [3]}, {"text": [], "answer_start": []}]
+    assert squad_coverage(answers, "v1.1") == {"version": "v1.1", "scored": 2, "skipped_unanswerable": 2}
+    assert squad_coverage(answers) == {"version": "v2.0", "scored": 4, "skipped_unanswerable": 0,
+                                       "has_answer_total": 2, "no_answer_total": 2}
+    assert squad_coverage([["a"], ["b"]]) == {"version": "v1.1", "scored": 2, "skipped_unanswerable": 0}
+    scores = squad_scores(["harbor", "", "x", ""], answers, "v1.1")
+    assert (scores["scored"], scores["skipped_unanswerable"]) == (2, 2)

@@ -81,7 +81,14 @@ from .squad import (
     load_squad_prompts,
     squad_prompt_messages,
 )
-from .squad_metrics import normalize_squad_answer, squad_exact_match, squad_f1, squad_scores
+from .squad_metrics import (
+    SQUAD_VERSIONS,
+    normalize_squad_answer,
+    squad_coverage,
+    squad_exact_match,
+    squad_f1,
+    squad_scores,
+)
 
 __all__ = [
     "ANSWER_CUT",
@@ -106,6 +113,7 @@ __all__ = [
     "ROLES_OUT_OF_ORDER",
     "SPLIT_ALIASES",
     "SQUAD_HUB_ID",
+    "SQUAD_VERSIONS",
     "TEXT_BEFORE_FIRST_TURN",
     "DataReport",
     "DataSourceError",
@@ -136,6 +144,7 @@ __all__ = [
     "prepare_preference_pairs",
     "prepare_prompts",
     "sentence_spans",
+    "squad_coverage",
     "squad_exact_match",
     "squad_f1",
     "squad_prompt_messages",

@@ -78,35 +78,56 @@ def squad_scores(predictions: Sequence[str], answers: Sequence[Any], version: st
     """
     if isinstance(predictions, str) or not isinstance(predictions, Iterable):
         raise TypeError(f"squad_scores: predictions must be a list of answer strings, got {type(predictions).__name__}")
-    if isinstance(answers, (str, Mapping)) or not isinstance(answers, Iterable):
-        raise TypeError(
-            f"squad_scores: answers must hold one entry per question (a list of reference strings or a SQuAD "
-            f"answers dict), got {type(answers).__name__}; pass dataset['answers'] or [list of texts, ...]"
-        )
-    predictions, references = list(predictions), [_reference_texts(entry, "squad_scores") for entry in answers]
+    predictions, references = list(predictions), _answer_lists(answers, "squad_scores")
     if len(predictions) != len(references):
         raise ValueError(f"squad_scores: {len(predictions)} predictions for {len(references)} answer lists")
     for prediction in predictions:
         _checked_prediction(prediction, "squad_scores")
+    coverage = _coverage(references, version)
+    version = coverage["version"]
+    everything = list(range(len(predictions)))
+    scored = everything if version == "v2.0" else [index for index in everything if references[index]]
+    result: dict[str, Any] = {"version": version, **_mean_scores(predictions, references, scored, version),
+                              "scored": coverage["scored"], "skipped_unanswerable": coverage["skipped_unanswerable"]}
+    if version == "v2.0":
+        # The v2.0 script groups by whether the question lists answers at all (not after normalisation).
+        for group, members in (("has_answer", [i for i in everything if references[i]]),
+                               ("no_answer", [i for i in everything if not references[i]])):
+            if members:
+                group_scores = _mean_scores(predictions, references, members, version)
+                result |= {f"{group}_{key}": value for key, value in group_scores.items()}
+                result[f"{group}_total"] = len(members)
+    return result
+
+
+def squad_coverage(answers: Sequence[Any], version: str | None = None) -> dict[str, Any]:
+    """Which questions :func:`squad_scores` averages over, without predictions: ``version`` (as chosen),
+    ``scored``, ``skipped_unanswerable`` (v1.1 skips questions without reference answers), and for v2.0
+    ``has_answer_total`` / ``no_answer_total``."""
+    references = _answer_lists(answers, "squad_coverage")
+    coverage = _coverage(references, version)
+    if coverage["version"] == "v2.0":
+        coverage["has_answer_total"] = sum(1 for texts in references if texts)
+        coverage["no_answer_total"] = sum(1 for texts in references if not texts)
+    return coverage
+
+
+def _coverage(references: list[list[str]], version: str | None) -> dict[str, Any]:
     if version is None:
         version = "v2.0" if any(not texts for texts in references) else "v1.1"
     _check_version(version)
-    if version == "v1.1":
-        answerable = [index for index, texts in enumerate(references) if texts]
-        scores = _mean_scores(predictions, references, answerable, version)
-        return {"version": version, **scores, "scored": len(answerable),
-                "skipped_unanswerable": len(predictions) - len(answerable)}
-    everything = list(range(len(predictions)))
-    result: dict[str, Any] = {"version": version, **_mean_scores(predictions, references, everything, version),
-                              "scored": len(everything), "skipped_unanswerable": 0}
-    # The v2.0 script groups by whether the question lists answers at all (not after normalisation).
-    for group, members in (("has_answer", [i for i in everything if references[i]]),
-                           ("no_answer", [i for i in everything if not references[i]])):
-        if members:
-            group_scores = _mean_scores(predictions, references, members, version)
-            result |= {f"{group}_{key}": value for key, value in group_scores.items()}
-            result[f"{group}_total"] = len(members)
-    return result
+    answerable = sum(1 for texts in references if texts)
+    scored = len(references) if version == "v2.0" else answerable
+    return {"version": version, "scored": scored, "skipped_unanswerable": len(references) - scored}
+
+
+def _answer_lists(answers: Any, caller: str) -> list[list[str]]:
+    if isinstance(answers, (str, Mapping)) or not isinstance(answers, Iterable):
+        raise TypeError(
+            f"{caller}: answers must hold one entry per question (a list of reference strings or a SQuAD "
+            f"answers dict), got {type(answers).__name__}; pass dataset['answers'] or [list of texts, ...]"
+        )
+    return [_reference_texts(entry, caller) for entry in answers]
 
 
 def _mean_scores(predictions: list[str], references: list[list[str]], indices: list[int],
