@@ -174,9 +174,10 @@ def _split_files(folder: Path, name: str) -> list[Path]:
 
 
 def _shards_of_one_split(files: list[Path], name: str) -> bool:
-    totals = {re.match(rf"{re.escape(name)}{_SHARD_PATTERN}", path.name) for path in files}
-    counts = {match.group(1) if match else None for match in totals}
-    return None not in counts and len(counts) == 1
+    """True when every file is ``<name>-<i>-of-<n>.*`` with the same ``n``."""
+    matches = [re.match(rf"{re.escape(name)}{_SHARD_PATTERN}", path.name) for path in files]
+    shard_counts = {match.group(1) if match else None for match in matches}
+    return None not in shard_counts and len(shard_counts) == 1
 
 
 def _data_dir_with_files(data_dir: str, loader: str, path: Path | None = None) -> DataSourceError:
