@@ -1,4 +1,4 @@
-"""trl_multiadapter.data: hh-rlhf parsing and loading, SQuAD prompts, chat-template encoding, metrics.
+"""trl_multiadapter.data: hh-rlhf parsing and loading, SQuAD prompts, chat-template encoding, reports.
 
 Expected values come from hand-written cases, from direct ``tokenizer.apply_chat_template`` calls made here,
 and from second implementations written in this file.
@@ -25,9 +25,6 @@ from trl_multiadapter.data import (
     parse_hh_transcript,
     prepare_preference_pairs,
     prepare_prompts,
-    squad_exact_match,
-    squad_f1,
-    squad_scores,
 )
 from trl_multiadapter.testing import write_tiny_hh_rlhf, write_tiny_squad
 
@@ -148,9 +145,9 @@ BAD_ROWS = {
         "chosen": "oops\n\nHuman: a\n\nAssistant: b",
         "rejected": render([user("a"), assistant("c")]),
     },
-    data.ROLES_OUT_OF_ORDER: {
-        "chosen": render([user("a"), user("a2"), assistant("b")]),
-        "rejected": render([user("a"), user("a2"), assistant("c")]),
+    data.ROLES_OUT_OF_ORDER: {  # opens with the assistant (consecutive turns of one role are merged)
+        "chosen": render([assistant("a"), user("a2"), assistant("b")]),
+        "rejected": render([assistant("a"), user("a2"), assistant("c")]),
     },
     data.NO_ASSISTANT_TURN: {"chosen": render([user("a")]), "rejected": render([user("a")])},
     data.PROMPTS_DIFFER: {
@@ -235,6 +232,83 @@ def test_only_bad_rows_is_an_error_with_the_summary(tmp_path):
         load_hh_rlhf(write_jsonl(tmp_path / "p.jsonl", [BAD_ROWS[data.IDENTICAL_RESPONSES]]))
 
 
+# Real shapes: two Assistant turns in a row inside the shared conversation, at the end of the chosen text
+# only, two Human turns in a row, and an empty Assistant turn followed by a non-empty one.
+CONSECUTIVE_TURN_ROWS = [
+    {
+        "chosen": render([user("Is the kettle hot?"), assistant("Let me check."), assistant("Yes, careful."),
+                          user("Thanks. Tea?"), assistant("Green tea, then.")]),
+        "rejected": render([user("Is the kettle hot?"), assistant("Let me check."), assistant("Yes, careful."),
+                            user("Thanks. Tea?"), assistant("No.")]),
+    },
+    {
+        "chosen": render([user("Fold the map?"), assistant("Fold it in half."), assistant("Then in half again.")]),
+        "rejected": render([user("Fold the map?"), assistant("Do it yourself.")]),
+    },
+    {
+        "chosen": render([user("Hello."), user("Are you there?"), assistant("I am here.")]),
+        "rejected": render([user("Hello."), user("Are you there?"), assistant("Go away.")]),
+    },
+    {
+        "chosen": render([user("Name a river?"), assistant(""), assistant("The Nile.")]),
+        "rejected": render([user("Name a river?"), assistant(""), assistant("Not telling.")]),
+    },
+]
+MERGED_EXPECTED = [
+    {
+        "prompt": [user("Is the kettle hot?"), assistant("Let me check.\n\nYes, careful."), user("Thanks. Tea?")],
+        "chosen": [assistant("Green tea, then.")],
+        "rejected": [assistant("No.")],
+    },
+    {
+        "prompt": [user("Fold the map?")],
+        "chosen": [assistant("Fold it in half.\n\nThen in half again.")],
+        "rejected": [assistant("Do it yourself.")],
+    },
+    {
+        "prompt": [user("Hello.\n\nAre you there?")],
+        "chosen": [assistant("I am here.")],
+        "rejected": [assistant("Go away.")],
+    },
+    {
+        "prompt": [user("Name a river?")],
+        "chosen": [assistant("The Nile.")],
+        "rejected": [assistant("Not telling.")],
+    },
+]
+
+
+def test_consecutive_turns_of_one_role_are_merged_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_ROW, *CONSECUTIVE_TURN_ROWS])
+    dataset, report = load_hh_rlhf(path, return_report=True)
+    expected_good = {"prompt": GOOD_PROMPT, "chosen": [assistant("Gladly: fold it in half.")],
+                     "rejected": [assistant("Whatever.")]}
+    assert dataset.to_list() == [expected_good, *MERGED_EXPECTED]
+    assert (report.total, report.kept, report.dropped) == (5, 5, {})
+    assert report.flagged == {data.MERGED_TURNS: 4} and report.examples[data.MERGED_TURNS] == [1, 2, 3, 4]
+    assert "flagged merged_turns 4 (e.g. rows 1, 2, 3, 4)" in report.summary()
+
+
+def test_merge_turns_false_drops_them_as_roles_out_of_order(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD_ROW, *CONSECUTIVE_TURN_ROWS])
+    dataset, report = load_hh_rlhf(path, return_report=True, merge_turns=False)
+    assert dataset.num_rows == 1 and report.dropped == {data.ROLES_OUT_OF_ORDER: 4} and report.flagged == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=_MESSAGES)
+def test_merging_matches_a_groupby_of_the_roles(messages):
+    from itertools import groupby
+
+    expected = [
+        {"role": role, "content": "\n\n".join(m["content"] for m in run if m["content"])}
+        for role, run in ((role, list(run)) for role, run in groupby(messages, key=lambda m: m["role"]))
+    ]
+    merged = data.merge_consecutive_turns(messages)
+    assert merged == expected
+    assert all(a["role"] != b["role"] for a, b in zip(merged, merged[1:]))
+
+
 def _expected_preferences(path) -> list[dict]:
     """Second implementation: split the raw lines on the last assistant marker."""
     opener = gzip.open if str(path).endswith(".gz") else open
@@ -290,9 +364,18 @@ def test_json_parquet_and_folder_sources_match_jsonl(synthetic_hh, tmp_path):
     assert load_hh_rlhf(tmp_path / "clone", data_dir="helpful-base", split="test").to_list() == expected[:5]
 
 
-def test_hub_id_goes_through_datasets_load_dataset(synthetic_hh, monkeypatch):
+def pretend_cached(monkeypatch, tmp_path, *repo_ids):
+    """An offline hub cache that holds ``repo_ids`` (empty folders: what trl_multiadapter.hub looks for)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    for repo_id in repo_ids:
+        owner, name = repo_id.split("/")
+        (tmp_path / "hub-cache" / f"datasets--{owner}--{name}").mkdir(parents=True)
+
+
+def test_hub_id_goes_through_datasets_load_dataset(synthetic_hh, monkeypatch, tmp_path):
     import datasets
 
+    pretend_cached(monkeypatch, tmp_path, "Anthropic/hh-rlhf")
     calls = []
     rows = [json.loads(line) for line in gzip.open(synthetic_hh, "rt")]
 
@@ -519,20 +602,90 @@ def test_squad_hub_id_goes_through_datasets_load_dataset(tmp_path, monkeypatch):
         return datasets.Dataset.from_list(FLAT)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    pretend_cached(monkeypatch, tmp_path, "rajpurkar/squad_v2")
     from_hub = load_squad_prompts("rajpurkar/squad_v2", split="validation").to_list()
     assert calls == [("rajpurkar/squad_v2", {"data_dir": None, "split": "validation"})]
     assert from_hub == load_squad_prompts(_write_squad_forms(tmp_path)["nested"]).to_list()
 
 
-def test_malformed_squad_record_names_its_location(tmp_path):
+def _third_party_nested() -> dict:
+    """NESTED_V2 plus the damage third-party SQuAD-format files carry; every bad question is named here."""
+    document = json.loads(json.dumps(NESTED_V2))
+    qas = document["data"][0]["paragraphs"][0]["qas"]
+    qas.append({"id": "q3", "question": "Where is the river?", "answers": [{"text": "river", "answer_start": None}]})
+    qas.append({"question": "No id here?", "answers": [{"text": "Mira", "answer_start": 0}]})
+    qas.append({"id": "q5", "question": "Text is a number?", "answers": [{"text": 12, "answer_start": 0}]})
+    qas.append("not a question object")
+    qas.append({"id": "q7", "question": "How many steps?", "answers": [{"text": "12", "answer_start": 67}]})
+    document["data"][0]["paragraphs"].append(
+        {"qas": [{"id": "q8", "question": "Lost context?", "answers": []},
+                 {"id": "q9", "question": "Also lost?", "answers": []}]}
+    )
+    return document
+
+
+THIRD_PARTY_DROPS = {  # record path -> reason, written by hand from _third_party_nested
+    "bad.json: row 0.paragraphs[0].qas[2]": data.BAD_ANSWER,
+    "bad.json: row 0.paragraphs[0].qas[3]": data.MISSING_FIELD,
+    "bad.json: row 0.paragraphs[0].qas[4]": data.BAD_ANSWER,
+    "bad.json: row 0.paragraphs[0].qas[5]": data.MALFORMED_ROW,
+    "bad.json: row 0.paragraphs[1].qas[0]": data.MISSING_FIELD,
+    "bad.json: row 0.paragraphs[1].qas[1]": data.MISSING_FIELD,
+}
+
+
+def test_bad_squad_records_are_skipped_and_counted_by_reason(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_third_party_nested()))
+    dataset, report = load_squad_prompts(path, return_report=True)
+    assert dataset["id"] == ["q1", "q2", "q7"]
+    assert CONTEXT[67:69] == "12"  # q7's offset points at its answer
+    assert (report.total, report.kept) == (9, 3)
+    expected: dict[str, list[str]] = {}
+    for location, reason in THIRD_PARTY_DROPS.items():
+        expected.setdefault(reason, []).append(location)
+    assert report.dropped == {reason: len(rows) for reason, rows in expected.items()}
+    assert {reason: report.examples[reason] for reason in expected} == expected
+
+
+def test_bad_flat_squad_rows_are_skipped_and_counted(tmp_path):
+    rows = [*FLAT,
+            {"id": None, "context": CONTEXT, "question": "Null id?", "answers": {"text": [], "answer_start": []}},
+            {"id": "q4", "context": CONTEXT, "question": "Null start?",
+             "answers": {"text": ["harbor"], "answer_start": [None]}},
+            {"id": "q5", "context": CONTEXT, "question": "Unpaired?",
+             "answers": {"text": ["harbor", "the harbor"], "answer_start": [17]}},
+            [1, 2]]
+    path = tmp_path / "flat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{broken\n")
+    dataset, report = load_squad_prompts(path, return_report=True)
+    assert dataset["id"] == ["q1", "q2"]
+    assert report.dropped == {data.MISSING_FIELD: 1, data.BAD_ANSWER: 2, data.MALFORMED_ROW: 2}
+    assert report.examples[data.MALFORMED_ROW] == ["flat.jsonl: row 5 (line 6)", "flat.jsonl: row 6 (line 7)"]
+
+
+def test_on_bad_row_error_names_the_squad_record_path(tmp_path):
     broken = json.loads(json.dumps(NESTED_V2))
     del broken["data"][0]["paragraphs"][0]["qas"][1]["question"]
     path = tmp_path / "broken.json"
     path.write_text(json.dumps(broken))
     with pytest.raises(
-        ValueError, match=r"broken\.json: row 0\.paragraphs\[0\]\.qas\[1\]: missing 'question'"
+        ValueError, match=r"broken\.json: row 0\.paragraphs\[0\]\.qas\[1\]: missing_field: missing 'question'"
     ):
-        load_squad_prompts(str(path))
+        load_squad_prompts(str(path), on_bad_row="error")
+    null_start = tmp_path / "null.json"
+    null_start.write_text(json.dumps(_third_party_nested()))
+    with pytest.raises(ValueError, match=r"qas\[2\]: bad_answer: answers\[0\]: missing 'answer_start'"):
+        load_squad_prompts(null_start, on_bad_row="error")
+    with pytest.raises(ValueError, match="choose one of skip, error"):
+        load_squad_prompts(null_start, on_bad_row="ignore")
+
+
+def test_only_bad_squad_records_is_an_error_with_the_summary(tmp_path):
+    path = tmp_path / "all_bad.jsonl"
+    path.write_text(json.dumps({"question": "no id or context"}) + "\n")
+    with pytest.raises(ValueError, match="no usable questions in .*missing_field 1"):
+        load_squad_prompts(path)
 
 
 # --------------------------------------------------------------------------------------- prompt encoding
@@ -583,7 +736,7 @@ def test_cut_context_keeps_whole_sentences_around_the_answer(tiny_tokenizer, squ
         kept = [sentence.strip() for sentence in _sentences(row["context"])]
         first = sentences.index(kept[0])
         assert sentences[first : first + len(kept)] == kept  # a contiguous run of whole sentences
-        assert row["answers"]["text"][0] == original["answers"]["text"][0]
+        assert row["answers"]["text"] == original["answers"]["text"]  # every answer survives the cut
         for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"]):
             assert row["context"][start : start + len(text)] == text
         # Maximal: one more sentence on either side would not fit.
@@ -595,6 +748,86 @@ def test_cut_context_keeps_whole_sentences_around_the_answer(tiny_tokenizer, squ
                     user(f"Context: {' '.join(wider)}\n\nQuestion: {original['question']}"),
                 ]
                 assert len(template_ids(tiny_tokenizer, prompt, True)) > limit
+
+
+# Real contexts are full of initials and abbreviations before the answers ("Running back C. J. Anderson").
+INITIALS_SENTENCES = [
+    "The Harbor Owls opened the season at home against the River Foxes.",
+    "Running back C. J. Anderson ran for 90 yards before the half.",
+    "Safety T. J. Ward made the key stop near St. Louis Street.",
+    "Dr. Mira Lane of the U.S. rowing team watched from the north stand.",
+    "The Owls won by three points.",
+    "Fans walked home along the river after the game.",
+]
+INITIALS_CONTEXT = " ".join(INITIALS_SENTENCES)
+
+
+def _answer(text: str, after: int = 0) -> dict:
+    return {"text": text, "answer_start": INITIALS_CONTEXT.index(text, after)}
+
+
+INITIALS_QUESTIONS = {
+    "q1": ("Who ran for 90 yards?", [_answer("C. J. Anderson"), _answer("Anderson"), _answer("C. J. Anderson")]),
+    "q2": ("Who made the key stop?", [_answer("T. J. Ward"), _answer("Ward")]),
+    "q3": ("Who watched from the north stand?", [_answer("Dr. Mira Lane"), _answer("Mira Lane")]),
+    # Reference answers in the first and the fifth sentence: no short window holds both.
+    "q4": ("Which team opened at home?", [_answer("The Harbor Owls"), _answer("The Owls", 60)]),
+    "q5": ("Who sold the tickets?", []),  # v2.0: unanswerable
+}
+
+
+def test_sentences_do_not_end_at_initials_or_abbreviations():
+    spans = data.sentence_spans(INITIALS_CONTEXT)
+    assert [INITIALS_CONTEXT[start:end] for start, end in spans] == INITIALS_SENTENCES
+    text = 'He said "Go now." Then he left! Did he? Yes. It was 1990. Done'
+    assert [text[a:b] for a, b in data.sentence_spans(text)] == [
+        'He said "Go now."', "Then he left!", "Did he?", "Yes.", "It was 1990.", "Done"]
+
+
+@pytest.fixture
+def initials_prompts(tmp_path):
+    qas = [{"id": qid, "question": question, "answers": answers, "is_impossible": not answers}
+           for qid, (question, answers) in INITIALS_QUESTIONS.items()]
+    path = tmp_path / "initials.json"
+    path.write_text(json.dumps({"version": "v2.0", "data": [
+        {"title": "Owls", "paragraphs": [{"context": INITIALS_CONTEXT, "qas": qas}]}]}))
+    return load_squad_prompts(path, system_prompt=None)
+
+
+def _window_length(tokenizer, question: str, first: int, last: int) -> int:
+    window = " ".join(INITIALS_SENTENCES[first : last + 1])
+    return len(template_ids(tokenizer, [user(f"Context: {window}\n\nQuestion: {question}")], True))
+
+
+def test_cut_context_keeps_every_answer_or_drops_the_row_as_answer_cut(tiny_tokenizer, initials_prompts):
+    answer_sentence = {"q1": 1, "q2": 2, "q3": 3, "q4": 0, "q5": 0}
+    limit = max(_window_length(tiny_tokenizer, INITIALS_QUESTIONS[qid][0], index, index)
+                for qid, index in answer_sentence.items())
+    assert _window_length(tiny_tokenizer, INITIALS_QUESTIONS["q4"][0], 0, 4) > limit  # q4 cannot keep both
+    assert _window_length(tiny_tokenizer, INITIALS_QUESTIONS["q1"][0], 0, 5) > limit  # every row is cut
+
+    prepared, report = prepare_prompts(initials_prompts, tiny_tokenizer, limit, long_prompts="cut_context")
+
+    assert report.dropped == {data.ANSWER_CUT: 1} and report.examples[data.ANSWER_CUT] == [3]
+    assert prepared["id"] == ["q1", "q2", "q3", "q5"] and report.shortened == 4
+    assert {"id", "context", "answers", "is_impossible", "input_ids"} <= set(prepared.column_names)
+    for row in prepared:
+        question, answers = INITIALS_QUESTIONS[row["id"]]
+        assert row["answers"]["text"] == [answer["text"] for answer in answers]
+        offset = INITIALS_CONTEXT.index(row["context"])  # the cut context is one piece of the original
+        for answer, start in zip(answers, row["answers"]["answer_start"]):
+            assert start == answer["answer_start"] - offset
+            assert row["context"][start : start + len(answer["text"])] == answer["text"]
+        kept = [sentence for sentence in INITIALS_SENTENCES if sentence in row["context"]]
+        assert row["context"] == " ".join(kept)  # whole sentences: never "... Running back C. J."
+        assert len(row["input_ids"]) <= limit
+    assert prepared[3]["is_impossible"] is True  # q5 stays unanswerable, with no answers
+    assert prepared[3]["answers"] == {"text": [], "answer_start": []}
+
+
+def test_a_prompt_that_cannot_fit_at_all_is_prompt_too_long(tiny_tokenizer, initials_prompts):
+    prepared, report = prepare_prompts(initials_prompts, tiny_tokenizer, 8, long_prompts="cut_context")
+    assert prepared.num_rows == 0 and report.dropped == {data.PROMPT_TOO_LONG: 5}
 
 
 def test_cut_context_needs_context_and_question_columns(tiny_tokenizer, squad_prompts):
@@ -615,65 +848,6 @@ class _DoubleBosTokenizer:
 
 def test_a_doubled_bos_is_collapsed_to_one():
     assert data.encode_chat(_DoubleBosTokenizer(), [user("x")], add_generation_prompt=True) == [0, 7, 8]
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-
-
-@pytest.mark.parametrize(
-    ("prediction", "references", "exact", "f1"),
-    [
-        ("The Harbor!", ["harbor"], 1.0, 1.0),
-        ("an apple", ["Apple."], 1.0, 1.0),
-        ("a silver canyon today", ["silver canyon"], 0.0, 0.8),  # P=2/3, R=1
-        ("green green lantern", ["the green lantern", "tower"], 0.0, 0.8),  # overlap 2 of 3 and of 2
-        ("tower", ["river"], 0.0, 0.0),
-        ("", [], 1.0, 1.0),  # SQuAD v2: an unanswerable question answered with nothing
-        ("something", [], 0.0, 0.0),
-    ],
-)
-def test_squad_metrics_on_hand_computed_cases(prediction, references, exact, f1):
-    assert squad_exact_match(prediction, references) == exact
-    assert squad_f1(prediction, references) == pytest.approx(f1)
-
-
-def _f1_by_removal(prediction: str, reference: str) -> float:
-    """Second implementation: count overlap by removing matched tokens from a list."""
-
-    def tokens(text):
-        kept = "".join(ch for ch in text.lower() if ch.isalnum() or ch.isspace())
-        return [word for word in kept.split() if word not in ("a", "an", "the")]
-
-    predicted, remaining = tokens(prediction), tokens(reference)
-    if not predicted or not remaining:
-        return float(predicted == remaining)
-    overlap = 0
-    for word in predicted:
-        if word in remaining:
-            remaining.remove(word)
-            overlap += 1
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(predicted), overlap / len(tokens(reference))
-    return 2 * precision * recall / (precision + recall)
-
-
-_ANSWER_WORDS = ["the", "a", "An", "harbor", "Harbor!", "green", "lantern,", "12", "U.S.", "river"]
-_ANSWER_TEXT = st.lists(st.sampled_from(_ANSWER_WORDS), max_size=6).map(" ".join)
-
-
-@settings(max_examples=200, deadline=None)
-@given(prediction=_ANSWER_TEXT, reference=_ANSWER_TEXT)
-def test_f1_matches_a_second_implementation(prediction, reference):
-    assert squad_f1(prediction, [reference]) == pytest.approx(_f1_by_removal(prediction, reference))
-    assert squad_exact_match(prediction, [reference]) <= squad_f1(prediction, [reference])
-
-
-def test_squad_scores_skip_unanswerable_questions():
-    scores = squad_scores(["harbor", "tower", "anything"], [["the harbor"], ["river", "tower x"], []])
-    assert scores["scored"] == 2 and scores["skipped_unanswerable"] == 1
-    assert scores["exact_match"] == pytest.approx(0.5)
-    assert scores["f1"] == pytest.approx((1.0 + 2 / 3) / 2)  # "tower" vs "tower x": P=1, R=1/2
 
 
 # ------------------------------------------------------------------------------------- reports, registry
@@ -697,3 +871,20 @@ def test_builtin_data_sources_are_registered():
 
     assert data_sources.get("hh_rlhf") is load_hh_rlhf
     assert data_sources.get("squad") is load_squad_prompts
+
+
+def test_drop_limit_is_a_share_of_the_rows_and_names_the_setting():
+    report = DataReport("load_hh_rlhf(x.jsonl)", total=4)
+    for row in (0, 1):
+        report.record_kept(row)
+    report.record_dropped(2, data.MALFORMED_ROW)
+    report.record_dropped(3, data.NON_STRING_FIELD)
+    data.check_drop_fraction(report, 0.5)  # exactly half: allowed
+    with pytest.raises(data.TooManyDroppedError) as caught:
+        data.check_drop_fraction(report, 0.49, "data.max_drop_fraction")
+    assert str(caught.value) == (
+        "load_hh_rlhf(x.jsonl): dropped 2 of 4 rows (50.0%), more than data.max_drop_fraction=0.49: "
+        "malformed_row 1 (e.g. rows 2); non_string_field 1 (e.g. rows 3); check that the source is the right "
+        "file in the right format, or raise data.max_drop_fraction"
+    )
+    data.check_drop_fraction(DataReport("empty"), 0.0)  # nothing read: nothing to judge

@@ -192,6 +192,10 @@ def evaluate_policies(model, tokenizer, prompts, settings, *, batch_size: int, s
     metrics: dict[str, Any] = {name: _policy_metrics(per_policy[name], answers, ground_truth, prompts)
                                for name in POLICIES}
     metrics["win_rate"] = win_rate(torch.tensor(per_policy["aligned"].scores), torch.tensor(per_policy["base"].scores))
+    if answers is not None:  # which prompts the SQuAD scores cover, and why the others are skipped
+        from .data import squad_coverage
+
+        metrics["squad"] = squad_coverage(answers)
     metrics["num_prompts"] = len(prompts)
     records = [
         {"prompt": _prompt_text(prompts[index]), "answers": answers[index] if answers else None,
@@ -216,9 +220,10 @@ def _policy_metrics(record: _PolicyRecord, answers, ground_truth, prompts) -> di
     metrics.update(length_distribution(record.lengths))
     metrics["stop_rate"] = sum(record.stopped) / count
     if answers is not None:
+        # v2.0 (chosen when some prompt has no answer) also scores the has_answer / no_answer groups.
         squad = squad_scores(record.texts, answers)
-        metrics["exact_match"] = squad["exact_match"]
-        metrics["f1"] = squad["f1"]
+        metrics |= {key: value for key, value in squad.items()
+                    if key in ("exact_match", "f1") or key.endswith(("_exact_match", "_f1"))}
     return metrics
 
 

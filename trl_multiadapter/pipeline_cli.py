@@ -72,16 +72,22 @@ def _run(args: argparse.Namespace, command: str, until: str | None) -> int:
     except AccelerateConfigError as error:
         key = "--accelerate_config" if args.accelerate_config else "instance.accelerate_config"
         raise RecipeError(key, str(error), "use a bundled config name or an existing file.") from None
+    from .pipeline import check_data_sources, data_stage_pending
+
     if args.dry_run:
         from .plan import format_plan, make_plan
 
+        notes = check_data_sources(recipe, dry_run=True)  # bad files fail here, in seconds
         print(format_plan(make_plan(recipe, launch_name)))
+        print("".join(f"Data source: {note}\n" for note in notes), end="")
         print("Dry run: the recipe is valid; nothing was run.")
         return 0
     if launch is not None and not is_launched():
         _check_launch_hardware(launch, "--accelerate_config" if args.accelerate_config else "instance.accelerate_config")
+    check_runtime(recipe)  # machine problems first, then the data sources, both before anything is written
+    if data_stage_pending(recipe):
+        check_data_sources(recipe)
     if launch is not None and launch.num_processes > 1 and not is_launched():
-        check_runtime(recipe)  # fail here, in one line, rather than once per launched process
         return relaunch(launch, _relaunch_arguments(command, recipe, args))
     from .pipeline import run_pipeline
 

@@ -87,6 +87,20 @@ class QuantizationConfig:
         )
 
 
+_EVAL_SPLIT_HELP = (
+    "Held-out split{what}. null, or a source without it (one file, a folder without that split), "
+    "carves eval_fraction of the train split instead."
+)
+_EVAL_FRACTION_HELP = (
+    "Share of the train rows held out as the eval split when the source has none (seeded by data.seed; "
+    "rows sharing {group} stay on one side); 0: no held-out set."
+)
+_FILES_HELP = (
+    "Explicit files of the {split} split (relative to path, and data_dir, when path is a folder); "
+    "overrides the split name. null: found by name."
+)
+
+
 @dataclass
 class PreferenceDataConfig:
     source: str = field(
@@ -95,15 +109,19 @@ class PreferenceDataConfig:
     )
     path: str | None = field(
         default="Anthropic/hh-rlhf",
-        metadata=_help("Hub dataset id, or a local .jsonl / .jsonl.gz / .parquet file with 'chosen'/'rejected'."),
+        metadata=_help("Hub dataset id, a local .jsonl / .jsonl.gz / .json / .parquet file with 'chosen'/'rejected', "
+                       "or a folder of split files (a clone of the hub repository)."),
     )
     data_dir: str | None = field(
-        default="helpful-base", metadata=_help("Subset folder of a hub dataset (hh-rlhf: 'helpful-base', ...).")
+        default="helpful-base",
+        metadata=_help("Subset folder of a hub dataset or a local folder (hh-rlhf: 'helpful-base', ...); "
+                       "null for a file."),
     )
     train_split: str = field(default="train", metadata=_help("Split used to train the reward adapter."))
-    eval_split: str | None = field(
-        default="test", metadata=_help("Held-out split for pairwise accuracy; null holds out reward.eval_fraction.")
-    )
+    eval_split: str | None = field(default="test", metadata=_help(_EVAL_SPLIT_HELP.format(what=" for pairwise accuracy")))
+    eval_fraction: float = field(default=0.05, metadata=_help(_EVAL_FRACTION_HELP.format(group="a conversation")))
+    train_files: list[str] | None = field(default=None, metadata=_help(_FILES_HELP.format(split="train")))
+    eval_files: list[str] | None = field(default=None, metadata=_help(_FILES_HELP.format(split="eval")))
     max_train_samples: int | None = field(default=None, metadata=_help("Use at most this many training pairs."))
     max_eval_samples: int | None = field(default=None, metadata=_help("Use at most this many held-out pairs."))
     max_length: int = field(
@@ -112,6 +130,10 @@ class PreferenceDataConfig:
     )
     on_malformed: Literal["skip", "error"] = field(
         default="skip", metadata=_help("Malformed rows: 'skip' counts and reports them, 'error' stops at the row.")
+    )
+    merge_turns: bool = field(
+        default=True,
+        metadata=_help("Merge consecutive turns of one role (counted as merged_turns); false drops those rows."),
     )
     options: dict[str, Any] = field(
         default_factory=dict, metadata=_help("Extra keyword arguments for the data source (plugins, synthetic size).")
@@ -126,16 +148,29 @@ class PromptDataConfig:
     )
     path: str | None = field(
         default="rajpurkar/squad",
-        metadata=_help("Hub dataset id, or a local SQuAD file (nested .json, or flat .jsonl / .jsonl.gz / .parquet)."),
+        metadata=_help("Hub dataset id, a local SQuAD file (nested .json, or flat .jsonl / .jsonl.gz / .parquet), "
+                       "or a folder of split files (train-v1.1.json, dev-v1.1.json, ...)."),
     )
+    data_dir: str | None = field(default=None, metadata=_help("Subset folder of a hub dataset or a local folder."))
     train_split: str = field(default="train", metadata=_help("Split whose questions are the PPO prompts."))
-    eval_split: str = field(default="validation", metadata=_help("Held-out split used by the evaluate stage."))
+    eval_split: str | None = field(
+        default="validation",
+        metadata=_help(_EVAL_SPLIT_HELP.format(what=" used by the evaluate stage ('validation' also finds dev*)")),
+    )
+    eval_fraction: float = field(default=0.05, metadata=_help(_EVAL_FRACTION_HELP.format(group="a context")))
+    train_files: list[str] | None = field(default=None, metadata=_help(_FILES_HELP.format(split="train")))
+    eval_files: list[str] | None = field(default=None, metadata=_help(_FILES_HELP.format(split="eval")))
     max_train_samples: int | None = field(default=None, metadata=_help("Use at most this many training prompts."))
     max_eval_samples: int | None = field(default=None, metadata=_help("Use at most this many held-out prompts."))
     max_prompt_length: int = field(default=512, metadata=_help("Token budget of a prompt (chat template included)."))
     long_prompts: Literal["drop", "cut_context"] = field(
         default="drop",
-        metadata=_help("Longer prompts: 'drop' (counted), or 'cut_context' to whole sentences around the answer."),
+        metadata=_help("Longer prompts: 'drop' (counted), or 'cut_context' to whole sentences around every "
+                       "answer (a row that would lose an answer is dropped as answer_cut)."),
+    )
+    on_malformed: Literal["skip", "error"] = field(
+        default="skip",
+        metadata=_help("Malformed records ('answer_start': null, no id, ...): 'skip' counts them, 'error' stops."),
     )
     system_prompt: str | None = field(
         default=DEFAULT_SQUAD_SYSTEM_PROMPT, metadata=_help("System message put before every question; null for none.")
@@ -149,7 +184,11 @@ class DataConfig:
         default_factory=PreferenceDataConfig, metadata=_help("Preference pairs for the reward adapter.")
     )
     prompts: PromptDataConfig = field(default_factory=PromptDataConfig, metadata=_help("Prompts for PPO."))
-    seed: int = field(default=0, metadata=_help("Seed for sub-sampling and shuffling the data."))
+    seed: int = field(default=0, metadata=_help("Seed for sub-sampling, shuffling and carving held-out rows."))
+    max_drop_fraction: float = field(
+        default=0.5,
+        metadata=_help("Stop the data stage when loading or fitting drops more than this share of a split's rows."),
+    )
 
 
 @dataclass
@@ -262,6 +301,8 @@ REWARD_DERIVED_FIELDS = {
     "model_init_kwargs": "model.dtype (the reward stage loads the base model)",
     "trust_remote_code": "model.trust_remote_code",
     "use_cpu": "nothing: it is on exactly when no CUDA device is visible",
+    # The data stage holds out the pairs (saved as data/preference_eval); the reward stage evaluates on them.
+    "eval_fraction": "data.preference.eval_fraction (the data stage holds out the pairs: data/preference_eval)",
 }
 
 

@@ -23,8 +23,10 @@ def build_ppo_config(ppo: Any, output_dir: str | os.PathLike, **overrides: Any):
 
 def build_reward_config(reward: Any, model: Any, **overrides: Any):
     """``RewardAdapterConfig`` from the reward section; the base model's dtype and trust setting come from the
-    model section (one base model: the reward stage loads it like every other stage)."""
-    return _build_config("reward", reward, dtype=model.dtype, trust_remote_code=model.trust_remote_code, **overrides)
+    model section (one base model: the reward stage loads it like every other stage). ``eval_fraction`` is 0:
+    the data stage holds out the pairs (``data.preference.eval_fraction``), a second carve would hide others."""
+    return _build_config("reward", reward, dtype=model.dtype, trust_remote_code=model.trust_remote_code,
+                         eval_fraction=0.0, **overrides)
 
 
 def ppo_lora_config(ppo: Any):

@@ -23,6 +23,7 @@ def validate(recipe: Recipe) -> None:
     _check_model(recipe.model)
     _check_data(recipe.data)
     _check_reward(recipe)
+    _check_held_out_prompts(recipe)
     _check_ppo(recipe.ppo)
     _check_positive(recipe.evaluate, "evaluate", ("num_prompts", "batch_size", "max_new_tokens"))
     _check_nonnegative(recipe.evaluate, "evaluate", ("num_shown_samples",))
@@ -84,10 +85,35 @@ def _check_data(data: DataConfig) -> None:
                  f"use one of: {', '.join(data_sources.names())} (plugins add more).")
         _check_local_path(f"data.{name}.path", section.path, "data file")
         _check_positive(section, f"data.{name}", ("max_train_samples", "max_eval_samples"))
+        _check_held_out_fields(section, f"data.{name}")
+    if not 0.0 <= data.max_drop_fraction <= 1.0:
+        fail("data.max_drop_fraction", f"must be between 0 and 1, got {data.max_drop_fraction}.",
+             "use e.g. 0.5 (stop when half of a split's rows are dropped), or 1 for no limit.")
     if data.preference.max_length < 2:
         fail("data.preference.max_length", f"must be at least 2, got {data.preference.max_length}.",
              "use the longest sequence the reward adapter should see, e.g. 512.")
     _check_positive(data.prompts, "data.prompts", ("max_prompt_length",))
+
+
+def _check_held_out_fields(section: Any, key_path: str) -> None:
+    if not 0.0 <= section.eval_fraction < 1.0:
+        fail(f"{key_path}.eval_fraction", f"must be in [0, 1), got {section.eval_fraction}.",
+             "use e.g. 0.05 (5% of the train rows held out when the source has no eval split), or 0 for none.")
+    for key in ("train_files", "eval_files"):
+        files = getattr(section, key)
+        if files is not None and not files:
+            fail(f"{key_path}.{key}", "is an empty list.", f"list the files of the split, or set {key}: null.")
+        if files and section.path is not None and not looks_local(section.path):
+            fail(f"{key_path}.{key}", f"lists local files, but {key_path}.path is the hub id {section.path!r}.",
+                 f"set {key_path}.path to the folder that holds the files (or null), or remove {key}.")
+
+
+def _check_held_out_prompts(recipe: Recipe) -> None:
+    prompts = recipe.data.prompts
+    if "evaluate" in recipe.stages and prompts.eval_split is None and not prompts.eval_files \
+            and prompts.eval_fraction == 0:
+        fail("data.prompts.eval_fraction", "is 0 with eval_split: null, so the evaluate stage gets no held-out "
+             "prompts.", "set data.prompts.eval_fraction above 0 (e.g. 0.05), or name an eval_split.")
 
 
 def check_batch_arithmetic(batch_size: int, mini_batch_size: int, gradient_accumulation_steps: int) -> None:
