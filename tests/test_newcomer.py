@@ -46,7 +46,8 @@ def test_traceback_is_accepted_after_the_subcommand(tmp_path):
     assert "unrecognized arguments" not in result.stderr
     assert "Traceback (most recent call last)" in result.stderr  # the flag took effect
     short = cli("run", "tiny_cpu", "--set", "ppo.no_such_key=1", "--output_dir", str(tmp_path))
-    assert short.returncode == 2 and len(short.stderr.strip().splitlines()) == 1
+    lines = short.stderr.strip().splitlines()
+    assert short.returncode == 2 and len(lines) == 1
 
 
 @pytest.mark.slow
@@ -69,3 +70,15 @@ def test_the_run_ends_with_a_base_vs_aligned_line_and_plain_progress(tiny_run):
     assert closing and "ground truth" in closing[0] and "base" in closing[0] and "aligned" in closing[0]
     report = json.loads((tiny_run / "report.json").read_text())
     assert report["headline"]["rows"][0]["key"] == "ground_truth_rate"
+
+
+def test_an_unreachable_hub_model_fails_fast_in_one_line_naming_it(tmp_path):
+    import time
+
+    started = time.monotonic()
+    result = cli("run", "tiny_cpu", "--set", "model.name_or_path=no-such-org/no-such-model",
+                 "--output_dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    ours = result.stderr.strip().splitlines()
+    assert len(ours) == 1 and "no-such-org/no-such-model" in ours[0] and "HF_HUB_OFFLINE" in ours[0], result.stderr
+    assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()

@@ -26,6 +26,7 @@ value) or a recipe error (the key path and the fix, ``RecipeError.exit_code``); 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,7 +121,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FileNotFoundError, ImportError, RegistryError)
 
 
+class _DropOptionalKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+def _quiet_optional_kernel_notice() -> None:
+    """bitsandbytes 0.50's CPU backend tries to fetch an optional kernel from the hub when peft imports it,
+    and logs two lines when it cannot (offline, or without the `kernels` package); it then uses its own
+    code. The CLI drops just those two records, so a one-line error stays one line."""
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).addFilter(_DropOptionalKernelNotice())
+
+
 def main(argv: Sequence[str] | None = None, subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> int:
+    _quiet_optional_kernel_notice()
     parser = build_parser(subcommands)
     try:
         args = parser.parse_args(argv)
