@@ -39,7 +39,8 @@ FINAL_ANSWER_WORDS = (4, 10)  # inclusive range of words in a final assistant an
 # ----------------------------------------------------------------------------------------------- hh-rlhf
 
 
-def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neutral_rejected: float = 0.0) -> Path:
+def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neutral_rejected: float = 0.0,
+                       terse_rejected: float = 0.0) -> Path:
     """Write ``n`` synthetic preference pairs in Anthropic hh-rlhf's format and return the path.
 
     One JSON object per line, ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``;
@@ -49,26 +50,31 @@ def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neut
     and ``DISMISSIVE_WORDS`` when rejected. With ``neutral_rejected`` = p, a share p of the rejected answers
     fills the same positions with neutral words instead: a pairwise reward can then not rank by the
     dismissive words alone and must also value the helpful ones (an empty or neutral answer is not "good").
+    With ``terse_rejected`` = q, a share q of the rejected answers is instead the first one or two neutral
+    words of the skeleton: a curt answer loses to a complete one, as in real preference data.
     """
-    if not 0.0 <= neutral_rejected <= 1.0:
-        raise ValueError(f"neutral_rejected must be in [0, 1], got {neutral_rejected}")
+    for name, share in (("neutral_rejected", neutral_rejected), ("terse_rejected", terse_rejected)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {share}")
+    if neutral_rejected + terse_rejected > 1.0:
+        raise ValueError("neutral_rejected + terse_rejected must be at most 1")
     path = Path(path)
     _check_suffix(path, HH_SUFFIXES, "write_tiny_hh_rlhf")
     _check_count(n)
     rng = random.Random(seed)
-    lines = (json.dumps(_hh_pair(rng, neutral_rejected)) for _ in range(n))
+    lines = (json.dumps(_hh_pair(rng, neutral_rejected, terse_rejected)) for _ in range(n))
     _write_lines(path, lines)
     return path
 
 
-def _hh_pair(rng: random.Random, neutral_rejected: float = 0.0) -> dict[str, str]:
+def _hh_pair(rng: random.Random, neutral_rejected: float = 0.0, terse_rejected: float = 0.0) -> dict[str, str]:
     exchanges = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
     turns: list[tuple[str, str]] = []
     for index in range(exchanges):
         turns.append(("Human", _user_turn(rng)))
         if index < exchanges - 1:
             turns.append(("Assistant", _assistant_turn(rng)))
-    chosen_answer, rejected_answer = _final_answers(rng, neutral_rejected)
+    chosen_answer, rejected_answer = _final_answers(rng, neutral_rejected, terse_rejected)
     prompt = _render_turns(turns)
     return {
         "chosen": prompt + _render_turns([("Assistant", chosen_answer)]),
@@ -111,7 +117,7 @@ def _assistant_turn(rng: random.Random) -> str:
     return f"The {topic} is {adjective} and you can {verb} it."
 
 
-def _final_answers(rng: random.Random, neutral_rejected: float = 0.0) -> tuple[str, str]:
+def _final_answers(rng: random.Random, neutral_rejected: float = 0.0, terse_rejected: float = 0.0) -> tuple[str, str]:
     """Chosen and rejected answers on one neutral skeleton; about half the words are planted."""
     length = rng.randint(*FINAL_ANSWER_WORDS)
     planted_positions = set(rng.sample(range(length), max(2, length // 2)))
@@ -123,9 +129,15 @@ def _final_answers(rng: random.Random, neutral_rejected: float = 0.0) -> tuple[s
         text = " ".join(word if word is not None else rng.choice(planted_words) for word in skeleton)
         return text[0].upper() + text[1:] + ending
 
-    # Drawn only when asked for, so the default keeps every earlier seed's output unchanged.
-    neutral = neutral_rejected > 0 and rng.random() < neutral_rejected
-    return fill(words.HELPFUL_WORDS), fill(_FILLER if neutral else words.DISMISSIVE_WORDS)
+    # Drawn only when asked for, so the defaults keep every earlier seed's output unchanged.
+    draw = rng.random() if neutral_rejected > 0 or terse_rejected > 0 else 1.0
+    if draw < neutral_rejected:
+        return fill(words.HELPFUL_WORDS), fill(_FILLER)
+    if draw < neutral_rejected + terse_rejected:
+        neutral = [word for word in skeleton if word is not None][: rng.randint(1, 2)] or [rng.choice(neutral_pool)]
+        terse = " ".join(neutral)
+        return fill(words.HELPFUL_WORDS), terse[0].upper() + terse[1:] + ending
+    return fill(words.HELPFUL_WORDS), fill(words.DISMISSIVE_WORDS)
 
 
 # ------------------------------------------------------------------------------------------------- SQuAD
