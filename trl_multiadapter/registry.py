@@ -68,9 +68,10 @@ DISABLE_PLUGINS_ENV = "TRL_MULTIADAPTER_DISABLE_PLUGINS"
 # Modules of this package whose import registers built-in entries; imported on the first lookup.
 # A module written later adds its name here (and registers with the decorators below).
 BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
-    "data_sources": ("trl_multiadapter.data.hh_rlhf", "trl_multiadapter.data.squad", "trl_multiadapter.pipeline"),
+    "data_sources": ("trl_multiadapter.data.hh_rlhf", "trl_multiadapter.data.squad",
+                     "trl_multiadapter.pipeline.synthetic_sources"),
     "reward_functions": (),
-    "stages": ("trl_multiadapter.pipeline",),
+    "stages": tuple(f"trl_multiadapter.pipeline.{name}_stage" for name in ("data", "reward", "ppo", "evaluate", "export")),
 }
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
