@@ -53,7 +53,7 @@ def run_command(args: argparse.Namespace, until: str | None = None) -> int:
 
 def _run(args: argparse.Namespace, command: str, until: str | None) -> int:
     from .launch import AccelerateConfigError, is_launched, read_accelerate_config, relaunch
-    from .recipe import RecipeError, check_runtime, load
+    from .recipe import RecipeError, check_model_source, check_runtime, load
 
     if args.recipe and args.config and args.recipe != args.config:
         raise RecipeError("--config", f"two recipes given: {args.recipe!r} and --config {args.config!r}.",
@@ -82,9 +82,10 @@ def _run(args: argparse.Namespace, command: str, until: str | None) -> int:
         print("".join(f"Data source: {note}\n" for note in notes), end="")
         print("Dry run: the recipe is valid; nothing was run.")
         return 0
+    check_runtime(recipe)  # machine problems first, then the data sources, both before anything is written
     if launch is not None and not is_launched():
         _check_launch_hardware(launch, "--accelerate_config" if args.accelerate_config else "instance.accelerate_config")
-    check_runtime(recipe)  # machine problems first, then the data sources, both before anything is written
+    check_model_source(recipe)
     if data_stage_pending(recipe):
         check_data_sources(recipe)
     if launch is not None and launch.num_processes > 1 and not is_launched():

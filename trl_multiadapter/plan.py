@@ -7,9 +7,10 @@ Memory per device (every data-parallel process holds the whole model), in bytes;
 counts from the model's architecture, ``T = max_prompt_length + max_new_tokens``:
 
 ====================  ==========================================================================
-base weights          4-bit: P_linear * b4 / 8 + (P_embed + P_lm_head + P_norm) * c, with
-                      b4 = 4.127 bits (NF4 with double quantization) or 4.5 bits (without);
-                      otherwise P_base * d. ``d`` is the base dtype's size, ``c`` the compute dtype's.
+base weights          4-bit: P_linear * b4 / 8 + (P_embed + P_lm_head + P_norm) * 4, with
+                      b4 = 4.127 bits (NF4 with double quantization) or 4.5 bits (without); the
+                      unquantized parameters are float32 because peft's prepare_model_for_kbit_training
+                      upcasts them; otherwise P_base * d. ``d`` is the base dtype's size.
 policy LoRA + value   (P_policy_lora + P_value_head) * 16: fp32 weights, gradients, Adam m and v
 reward LoRA + head    (P_reward_lora + P_score_head) * 4 (fp32, frozen)
 activations           L * mini_batch_size * T * 34 * hidden * a / 2 (Korthikanti et al. 2022, with
@@ -179,7 +180,7 @@ def estimate_memory(recipe: Recipe, dims: ModelDims, on_gpu: bool = True) -> Mem
     if quant.load_in_4bit:
         bits = NF4_BITS_DOUBLE_QUANT if quant.bnb_4bit_use_double_quant else NF4_BITS
         unquantized = dims.embedding_params + dims.lm_head_params + dims.norm_params
-        base = dims.linear_params * bits / 8 + unquantized * _dtype_bytes(compute)
+        base = dims.linear_params * bits / 8 + unquantized * 4  # upcast to float32 for k-bit training
     else:
         base = dims.total_params * _dtype_bytes(recipe.model.dtype)
     policy = dims.lora_params(ppo.lora_r, ppo.lora_target_modules) + dims.hidden_size + 1

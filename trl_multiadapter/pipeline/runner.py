@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from ..recipe import Recipe, RecipeError, check_runtime
+from ..recipe import Recipe, RecipeError, check_model_source, check_runtime
 from ..registry import stages
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def run_pipeline(
     holds results of a different recipe.
     """
     check_runtime(recipe)
+    check_model_source(recipe)
     selected = _selected_stages(recipe, until, only)
     run_dir = Path(recipe.output_dir)
     process_index, num_processes = _process_info()

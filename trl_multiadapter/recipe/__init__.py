@@ -21,7 +21,7 @@ Modules, one job each:
 * ``validation``     cross-field checks without hardware;
 * ``stage_configs``  what a stage gets from its section (``MultiAdapterPPOConfig``, ``RewardAdapterConfig``,
   the policy LoRA);
-* ``runtime``        checks that need the machine (4-bit, hub push);
+* ``runtime``        checks that need the machine (4-bit, hub push, a hub model id);
 * ``docs``           the generated key reference of docs/recipes.md.
 """
 
@@ -40,7 +40,7 @@ from .loading import (
     read_yaml,
     resolve_recipe_path,
 )
-from .runtime import check_runtime
+from .runtime import check_model_source, check_runtime
 from .sections import (
     DEFAULT_STAGES,
     PPO_DERIVED_FIELDS,
@@ -92,6 +92,7 @@ __all__ = [
     "build_reward_config",
     "bundled_recipe_names",
     "check_batch_arithmetic",
+    "check_model_source",
     "check_runtime",
     "coerce",
     "load",

@@ -17,10 +17,9 @@ def check_runtime(recipe: Recipe) -> None:
         _check_4bit_runtime()
     if recipe.export.push_to_hub:
         _check_hub_push(recipe.export)
-    _check_model_source(recipe)
 
 
-def _check_model_source(recipe: Recipe) -> None:
+def check_model_source(recipe: Recipe) -> None:
     """A hub model id that cannot be loaded now (offline and not cached, a typo, gated) fails in one line,
     in seconds, instead of ~50 s of retries inside from_pretrained."""
     from pathlib import Path
