@@ -103,7 +103,7 @@ def record_generation_and_rewards(trainer) -> list[dict]:
 # --------------------------------------------------------------------------- GRPO end to end
 
 
-@pytest.mark.parametrize("wrapping", ["peft_config", "peft_model"])
+@pytest.mark.parametrize("wrapping", ["peft_config", "peft_model", "peft_model_attached_after"])
 def test_grpo_trains_with_the_reward_adapter_on_its_own_model(tmp_path, tiny_tokenizer, tiny_reward_adapter_dir, wrapping):
     adapter_dir = tiny_reward_adapter_dir.adapter_dir
     base = build_tiny_model("tiny", seed=0)
@@ -116,11 +116,14 @@ def test_grpo_trains_with_the_reward_adapter_on_its_own_model(tmp_path, tiny_tok
     else:  # an existing PeftModel; with beta > 0 TRL adds its own frozen "ref" adapter beside ours
         torch.manual_seed(0)
         policy = get_peft_model(base, policy_lora())
-        reward = RewardAdapterFunction(adapter_dir, model=policy, processing_class=tiny_tokenizer)
+        up_front = wrapping == "peft_model"
+        reward = (RewardAdapterFunction(adapter_dir, model=policy, processing_class=tiny_tokenizer) if up_front
+                  else RewardAdapterFunction(adapter_dir))
         args = grpo_config(tmp_path, beta=0.04, gradient_checkpointing=True)  # TRL's default checkpointing
         trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=args,
                               train_dataset=chat_prompts(), processing_class=tiny_tokenizer)
-        assert "ref" in trainer.model.peft_config
+        assert reward.attach(trainer) is reward  # loads now, or (up front) only reads the trainer's settings
+        assert "ref" in trainer.model.peft_config and reward.stop_ids == set(trainer.eos_token_ids)
     model = trainer.model
     assert reward.peft_model is model and {"default", "reward"} <= set(model.peft_config)
     reward_before = {name: parameter.detach().clone() for name, parameter in named(model, ".reward.").items()}
@@ -288,3 +291,6 @@ def test_usage_errors_are_reported_in_one_line(tmp_path, tiny_tokenizer, tiny_re
     with pytest.raises(ValueError, match="completion_ids="):
         attached(prompts=["Hi"], completions=["there"])
     assert attached.attach(attached.peft_model) is attached  # attaching the same model again is a no-op
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="already attached to another model"):
+        attached.attach(get_peft_model(build_tiny_model("tiny"), policy_lora()))

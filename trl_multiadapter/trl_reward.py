@@ -140,6 +140,7 @@ class RewardAdapterFunction:
         self.adapter_name, self.reward_label_index = adapter_name, reward_label_index
         self.processing_class, self.end_of_turn_token = processing_class, end_of_turn_token
         self._given_stop_ids, self._given_template_kwargs = stop_token_ids, chat_template_kwargs
+        self._trainer_stop_ids: list[int] | None = None
         self.batch_size, self.__name__ = batch_size, name
         self.peft_model = None
         self.score_head: nn.Linear | None = None
@@ -161,12 +162,12 @@ class RewardAdapterFunction:
                 f"attach() takes a TRL GRPOTrainer/RLOOTrainer or a peft PeftModel, got {type(target).__name__}; "
                 "give the trainer a peft_config= (or a PeftModel) so the reward adapter has a PeftModel to join"
             )
+        if self.peft_model is not None and self.peft_model is not peft_model:
+            raise ValueError("this reward function is already attached to another model; build one per trainer")
         if trainer is not None:
             self._read_trainer_settings(trainer)
         if self.peft_model is peft_model:
             return self
-        if self.peft_model is not None:
-            raise ValueError("this reward function is already attached to another model; build one per trainer")
         if self.adapter_name in peft_model.peft_config:
             raise ValueError(
                 f"the model already has an adapter named {self.adapter_name!r}; pass adapter_name= a free name"
@@ -186,9 +187,8 @@ class RewardAdapterFunction:
             self.processing_class = trainer.processing_class
         if self._given_template_kwargs is None:
             self.chat_template_kwargs = dict(getattr(trainer, "chat_template_kwargs", None) or {})
-        trainer_stop_ids = getattr(trainer, "eos_token_ids", None)
-        if self._given_stop_ids is None and trainer_stop_ids:
-            self._given_stop_ids = list(trainer_stop_ids)
+        if getattr(trainer, "eos_token_ids", None):
+            self._trainer_stop_ids = list(trainer.eos_token_ids)  # exactly what cuts TRL's completions
         if self.peft_model is not None:
             self.stop_ids = self._stop_ids(self.peft_model)
 
@@ -212,8 +212,9 @@ class RewardAdapterFunction:
         self.end_ids = tuple(end_of_turn_ids(self.processing_class, self.end_of_turn_token))
 
     def _stop_ids(self, peft_model) -> frozenset[int]:
-        if self._given_stop_ids is not None:
-            return frozenset(int(token) for token in self._given_stop_ids)
+        chosen = self._given_stop_ids if self._given_stop_ids is not None else self._trainer_stop_ids
+        if chosen is not None:
+            return frozenset(int(token) for token in chosen)
         # TRL's rule: every EOS id of the generation config, plus the tokenizer's EOS
         configured = getattr(peft_model.get_base_model().generation_config, "eos_token_id", None)
         ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
