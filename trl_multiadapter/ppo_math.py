@@ -450,3 +450,189 @@ def _is_stop(response_ids: torch.Tensor, stop_token_ids: Sequence[int]) -> torch
         raise ValueError("stop_token_ids is empty; pass the EOS / end-of-turn ids, e.g. [tokenizer.eos_token_id]")
     stops = torch.as_tensor(list(stop_token_ids), dtype=response_ids.dtype, device=response_ids.device)
     return torch.isin(response_ids, stops)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Critic-free advantages: k samples per prompt
+# ---------------------------------------------------------------------------------------------------
+# Rows come in consecutive groups of k completions of one prompt: row i belongs to prompt i // k.
+# The sequence return of a row is the sum of its per-token rewards (score − β Σ KL when the KL shapes the
+# reward, the score alone when the KL enters the loss), as TRL's RLOO sums its rlhf_reward.
+
+# Added to the group standard deviation before dividing by it, as TRL's GRPOTrainer does.
+GRPO_STD_EPS = 1e-4
+
+
+def _groups(scores: torch.Tensor, k: int, estimator: str) -> torch.Tensor:
+    """scores (B,) -> (B / k, k), after checking that B splits into groups of k >= 2."""
+    if scores.dim() != 1:
+        raise ValueError(f"{estimator}: scores must be 1-D (B,), got shape {tuple(scores.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(
+            f"{estimator} needs k >= 2 samples per prompt (num_generations) to form a baseline, got k={k!r}; "
+            "raise num_generations or use the gae estimator"
+        )
+    if scores.shape[0] % k:
+        raise ValueError(
+            f"{estimator}: {scores.shape[0]} scores do not split into groups of k={k} samples per prompt; "
+            "the batch must hold num_generations completions of every prompt"
+        )
+    return scores.view(-1, k)  # (B / k, k)
+
+
+def _zero_where_constant(advantages: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    # A group of equal scores carries no signal; its mean may still differ from the scores by a rounding
+    # error, which dividing by a tiny spread would blow up. Exact zeros instead.
+    constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(constant, torch.zeros_like(advantages), advantages)
+
+
+def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A_i = s_i − 1/(k−1) Σ_{j≠i} s_j   over the k samples of a prompt (REINFORCE leave-one-out,
+    Kool et al. 2019; Ahmadian et al. 2024).
+
+    scores (B,) sequence returns, B = prompts · k with a prompt's k rows consecutive -> (B,) in the dtype of
+    ``scores``. k = 2 gives (s1 − s2, s2 − s1); a group of equal scores gives exact zeros; the advantages of a
+    group sum to zero. k < 2 has no other sample to leave out and raises ``ValueError``.
+    """
+    grouped = _groups(scores, k, "rloo")
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)  # (B / k, k)
+    return _zero_where_constant(grouped - baseline, grouped).reshape(-1)
+
+
+def grpo_advantages(
+    scores: torch.Tensor, k: int, scale_by_std: bool = True, eps: float = GRPO_STD_EPS
+) -> torch.Tensor:
+    """A_i = (s_i − mean_g) / (std_g + ε), or s_i − mean_g without ``scale_by_std``, over the k samples of a
+    prompt (GRPO, Shao et al. 2024, sec. 4.1.2; Dr. GRPO, Liu et al. 2025, drops the division).
+
+    scores (B,) sequence returns, B = prompts · k with a prompt's k rows consecutive -> (B,) in the dtype of
+    ``scores``. std_g is the unbiased group standard deviation, ε = ``eps`` (TRL's GRPOTrainer: 1e-4). A
+    group of equal scores gives exact zeros, never ``nan``; k < 2 has no spread and raises ``ValueError``.
+    """
+    if eps < 0:
+        raise ValueError(f"grpo eps must be >= 0, got {eps}")
+    grouped = _groups(scores, k, "grpo")
+    centered = grouped - grouped.mean(dim=1, keepdim=True)  # (B / k, k)
+    if scale_by_std:
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+    return _zero_where_constant(centered, grouped).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + γ G_{t+1}   over the masked positions (t+1 is the next masked position of the row, G = 0
+    after the last one).
+
+    rewards, mask (B, T) -> (B, T) in the dtype of ``rewards``, 0 outside the mask.
+    """
+    mask = _as_bool(mask, rewards)
+    rewards = _inside(rewards, mask)
+    running = rewards.new_zeros(rewards.shape[0])
+    returns_reversed = []
+    for t in reversed(range(rewards.shape[1])):
+        inside = mask[:, t]
+        running = torch.where(inside, rewards[:, t] + gamma * running, running)
+        returns_reversed.append(torch.where(inside, running, torch.zeros_like(running)))
+    return torch.stack(returns_reversed[::-1], dim=1)
+
+
+def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """A_t = whiten(G_t) over every masked token of the batch,  G_t = Σ_{s ≥ t} γ^{s−t} r_s
+    (REINFORCE++, Hu 2025: no critic; the batch-wide whitening is its baseline).
+
+    rewards (B, T) per-token rewards from :func:`per_token_rewards` (score at the last response token,
+    −β·KL_t on every token), mask (B, T) -> (B, T) advantages in the dtype of ``rewards``, 0 outside the
+    mask. Whitening follows :func:`masked_whiten` (mean and unbiased variance of the masked entries).
+    """
+    return masked_whiten(discounted_returns(rewards, mask, gamma), mask)
+
+
+def sequence_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """R = Σ_t m_t r_t, the undiscounted return of each sequence.   rewards, mask (B, T) -> (B,)."""
+    return _masked_sum(rewards, _as_bool(mask, rewards), axis=1)
+
+
+def token_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """A_t = A for every response token of a sequence: one advantage per sequence spread over its tokens.
+
+    advantages (B,), response_mask (B, T) -> (B, T) in the dtype of ``advantages``, 0 outside the mask.
+    """
+    if advantages.shape != response_mask.shape[:1]:
+        raise ValueError(
+            f"advantages have shape {tuple(advantages.shape)}; expected ({response_mask.shape[0]},), one per row"
+        )
+    spread = advantages.unsqueeze(1).expand(response_mask.shape)
+    zero = torch.zeros((), dtype=advantages.dtype, device=advantages.device)
+    return torch.where(response_mask.to(torch.bool), spread, zero)
+
+
+def kl_loss(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L^KL = β · mean_t [ π_ref/π − log(π_ref/π) − 1 ]   (the k3 estimator inside the loss, GRPO eq. 3-4).
+
+    logprobs (B, T) with gradients, ref_logprobs (B, T), mask (B, T); β = ``beta`` -> (loss, kl) scalars;
+    kl = the detached masked mean of k3 (TRL's ``kl`` metric). The mean is over all masked tokens, as
+    :func:`policy_loss` averages, so the two terms add on the same scale. Exactly 0 where π = π_ref.
+    """
+    mask = _as_bool(mask, logprobs)
+    kl = masked_mean(_kl_k3(logprobs - ref_logprobs.detach()), mask)
+    return beta * kl, kl.detach()
+
+
+def _gae_estimator(rewards, mask, values, k, gamma, lam, scale_by_std):
+    if values is None:
+        raise ValueError(
+            "the gae estimator needs values (a value head or critic); pass values=, or pick one of "
+            f"{', '.join(CRITIC_FREE_ESTIMATORS)}"
+        )
+    return compute_gae(rewards, values, mask, gamma, lam)
+
+
+def _rloo_estimator(rewards, mask, values, k, gamma, lam, scale_by_std):
+    return token_advantages(rloo_advantages(sequence_returns(rewards, mask), k), mask), None
+
+
+def _grpo_estimator(rewards, mask, values, k, gamma, lam, scale_by_std):
+    return token_advantages(grpo_advantages(sequence_returns(rewards, mask), k, scale_by_std), mask), None
+
+
+def _reinforce_pp_estimator(rewards, mask, values, k, gamma, lam, scale_by_std):
+    return reinforce_pp_returns(rewards, mask, gamma), None
+
+
+ADVANTAGE_ESTIMATORS = {
+    "gae": _gae_estimator,
+    "rloo": _rloo_estimator,
+    "grpo": _grpo_estimator,
+    "reinforce_pp": _reinforce_pp_estimator,
+}
+CRITIC_FREE_ESTIMATORS = ("rloo", "grpo", "reinforce_pp")
+
+
+def compute_advantages(
+    estimator: str,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None = None,
+    *,
+    k: int = 1,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    scale_by_std: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Advantages A_t of the estimator named ``estimator``, from per-token rewards:
+
+    gae           :func:`compute_gae` (needs ``values``; γ, λ)       -> (A, returns R = A + V)
+    rloo          :func:`rloo_advantages` of Σ_t r_t over groups of k, on every token   -> (A, None)
+    grpo          :func:`grpo_advantages` of Σ_t r_t over groups of k (``scale_by_std``) -> (A, None)
+    reinforce_pp  :func:`reinforce_pp_returns` (γ)                                      -> (A, None)
+
+    rewards, mask, values (B, T) -> advantages (B, T) and value targets (B, T), or None for the critic-free
+    estimators (nothing to regress a value model on). An unknown name raises ``ValueError`` listing the
+    valid ones.
+    """
+    estimate = ADVANTAGE_ESTIMATORS.get(estimator)
+    if estimate is None:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; valid: {', '.join(ADVANTAGE_ESTIMATORS)}")
+    return estimate(rewards, mask, values, k, gamma, lam, scale_by_std)
