@@ -319,8 +319,21 @@ def test_policy_init_needs_a_policy_adapter():
 # --------------------------------------------------------------------------- roles
 
 
+def tuner_layers(model: MultiAdapterModel):
+    """peft's LoRA layers of the shared base, found through peft's public layer class."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in model.peft_model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def adapter_parameters(model: MultiAdapterModel, adapter: str):
+    """The parameters peft stores under an adapter name (LoRA A/B weights and saved modules)."""
+    return [parameter for name, parameter in model.peft_model.named_parameters()
+            if f".{adapter}." in name or name.endswith(f".{adapter}")]
+
+
 def layer_state(model: MultiAdapterModel):
-    return [(layer.disable_adapters, tuple(layer.active_adapters)) for layer in model._parts.tuner_layers]
+    return [(layer.disable_adapters, tuple(layer.active_adapters)) for layer in tuner_layers(model)]
 
 
 def full_state(model: MultiAdapterModel):
@@ -334,14 +347,14 @@ def full_state(model: MultiAdapterModel):
 
 def expected_layer_state(model: MultiAdapterModel, role: str):
     if role == "reference" and model.reference_mode == "base":
-        return [(True, tuple(layer.active_adapters)) for layer in model._parts.tuner_layers]
+        return [(True, tuple(layer.active_adapters)) for layer in tuner_layers(model)]
     adapter = {
         "policy": POLICY_ADAPTER,
         "reward": REWARD_ADAPTER,
         "critic": CRITIC_ADAPTER,
         "reference": POLICY_INIT_ADAPTER,
     }[role]
-    return [(False, (adapter,))] * len(model._parts.tuner_layers)
+    return [(False, (adapter,))] * len(tuner_layers(model))
 
 
 class BodyError(Exception):
@@ -367,7 +380,9 @@ def run_program(model: MultiAdapterModel, step) -> None:
     if kind == "train":
         model.train(step[1])
     elif kind == "grad":
-        parameters = model._switch_parameters
+        heads = [model.value_head, *([model.reward_head] if model.reward_head is not None else [])]
+        parameters = [parameter for adapter in model.peft_model.peft_config for parameter in adapter_parameters(model, adapter)]
+        parameters += [parameter for head in heads for parameter in head.parameters()]
         parameters[step[1] % len(parameters)].requires_grad_(step[2])
     elif kind == "peft_set_adapter":
         model.peft_model.set_adapter(step[1])  # misuse: rewrites flags and requires_grad behind our back
@@ -505,7 +520,7 @@ def test_one_copy_of_the_base_and_adapters_add_only_their_own_parameters(adapter
     expected_bytes = base_bytes + 4 * (len(adapters) * lora_count + head_count)
     assert storage_bytes(model) == expected_bytes
     for adapter in adapters:
-        assert sum(p.numel() for p in model._adapter_parameters(adapter)) == lora_count
+        assert sum(p.numel() for p in adapter_parameters(model, adapter)) == lora_count
 
 
 # --------------------------------------------------------------------------- critic
@@ -647,7 +662,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(adapter_dirs):
         (logits.logsumexp(-1).mean() + values.pow(2).mean()).backward()
         grads.append([p.grad.clone() for p in model.trainable_parameters()])
         if checkpointing:
-            assert all(layer.training for layer in model._parts.checkpoint_layers)
+            checkpointed = [m for m in model.peft_model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+            assert checkpointed and all(layer.training for layer in checkpointed)
             assert not any(m.training for m in model.peft_model.modules() if isinstance(m, torch.nn.Dropout))
     for without, with_checkpointing in zip(*grads):
         torch.testing.assert_close(with_checkpointing, without, atol=1e-6, rtol=1e-5)
