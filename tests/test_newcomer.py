@@ -82,3 +82,18 @@ def test_an_unreachable_hub_model_fails_fast_in_one_line_naming_it(tmp_path):
     ours = result.stderr.strip().splitlines()
     assert len(ours) == 1 and "no-such-org/no-such-model" in ours[0] and "HF_HUB_OFFLINE" in ours[0], result.stderr
     assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
+
+
+def test_a_bad_row_error_names_the_recipe_key_that_skips_it(tmp_path):
+    from trl_multiadapter.data import load_hh_rlhf, load_squad_prompts
+
+    bad_pairs = tmp_path / "train.jsonl"
+    bad_pairs.write_text(json.dumps({"chosen": "no speaker markers at all", "rejected": "none here either"}) + "\n")
+    with pytest.raises(ValueError, match=r"data\.preference\.on_malformed: skip"):
+        load_hh_rlhf(bad_pairs, on_bad_row="error")
+    bad_squad = tmp_path / "squad.json"
+    bad_squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [{
+        "context": "Ada fixed the kettle.", "qas": [{"id": "q1", "question": "Who?",
+                                                      "answers": [{"text": "Ada", "answer_start": None}]}]}]}]}))
+    with pytest.raises(ValueError, match=r"data\.prompts\.on_malformed: skip"):
+        load_squad_prompts(bad_squad, on_bad_row="error")

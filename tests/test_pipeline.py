@@ -112,14 +112,21 @@ def test_aligned_policy_beats_the_base_on_held_out_prompts(tiny_run):
 
     from trl_multiadapter.testing.words import DISMISSIVE_WORDS, HELPFUL_WORDS
 
+    rate, median_length = {}, {}
     for policy in ("base", "aligned"):
         words = [re.findall("[a-z]+", sample[f"{policy}_response"].lower()) for sample in samples]
         follows = [bool(set(w) & set(HELPFUL_WORDS)) and not set(w) & set(DISMISSIVE_WORDS) for w in words]
-        assert metrics[policy]["ground_truth_rate"] == pytest.approx(sum(follows) / len(samples))
+        rate[policy] = sum(follows) / len(samples)
+        assert metrics[policy]["ground_truth_rate"] == pytest.approx(rate[policy])
         helpful = sum(word in HELPFUL_WORDS for w in words for word in w)
         assert metrics[policy]["helpful_words"] == pytest.approx(helpful / len(samples))
         lengths = [len(sample[f"{policy}_response_ids"]) for sample in samples]
-        assert metrics[policy]["response_length_median"] == pytest.approx(statistics.median(lengths))
+        median_length[policy] = statistics.median(lengths)
+        assert metrics[policy]["response_length_median"] == pytest.approx(median_length[policy])
+    # Real learning, measured without the reward model: the planted rule is followed far more often, and
+    # the answers did not collapse to a token or two.
+    assert rate["aligned"] >= rate["base"] + 0.20, rate
+    assert median_length["aligned"] >= median_length["base"] / 2, median_length
     report = (tiny_run / "report.md").read_text()
     headline = report[report.index("## Base vs aligned policy"):report.index("## Time and cost")]
     assert headline.index("`ground_truth_rate`") < headline.index("`mean_reward`")

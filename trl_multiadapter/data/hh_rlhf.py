@@ -191,8 +191,8 @@ def load_hh_rlhf(
         except TranscriptError as error:
             if on_bad_row == "error":
                 raise ValueError(
-                    f"{source_row.location}: {error}. Fix the row, or pass on_bad_row='skip' to count "
-                    f"and skip bad rows"
+                    f"{source_row.location}: {error}. Fix the row, or count and skip bad rows: "
+                    "data.preference.on_malformed: skip in a recipe (on_bad_row='skip' in Python)"
                 ) from error
             report.record_dropped(row, error.reason)
             continue

@@ -98,8 +98,8 @@ def load_squad_prompts(
             if isinstance(outcome, BadRecord):
                 if on_bad_row == "error":
                     raise ValueError(
-                        f"{location}: {outcome.reason}: {outcome.detail}. Fix the record, or pass "
-                        f"on_bad_row='skip' to count and skip bad records"
+                        f"{location}: {outcome.reason}: {outcome.detail}. Fix the record, or count and skip bad "
+                        "records: data.prompts.on_malformed: skip in a recipe (on_bad_row='skip' in Python)"
                     )
                 report.record_dropped(example, outcome.reason)
                 continue
