@@ -97,3 +97,18 @@ def test_a_bad_row_error_names_the_recipe_key_that_skips_it(tmp_path):
                                                       "answers": [{"text": "Ada", "answer_start": None}]}]}]}]}))
     with pytest.raises(ValueError, match=r"data\.prompts\.on_malformed: skip"):
         load_squad_prompts(bad_squad, on_bad_row="error")
+
+
+def test_plain_progress_prints_at_least_every_tenth_and_the_end():
+    import io
+
+    from trl_multiadapter.progress import plain_progress
+
+    stream = io.StringIO()
+    report = plain_progress("evaluate prompts", stream)
+    for done in range(8, 129, 8):  # 16 batches of 8 prompts
+        report(done, 128)
+    lines = stream.getvalue().splitlines()
+    counts = [int(line.split("] ")[1].split("/")[0]) for line in lines]
+    assert counts[-1] == 128 and all(b - a <= 128 // 10 + 8 for a, b in zip([0, *counts], counts))
+    assert all(line.startswith("[evaluate prompts] ") and "ETA" in line for line in lines)

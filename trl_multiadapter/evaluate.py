@@ -158,6 +158,7 @@ class _PolicyRecord:
 def evaluate_policies(model, tokenizer, prompts, settings, *, batch_size: int, seed: int,
                       ground_truth: GroundTruthMetric | None = None, end_of_turn_token: str | None = "auto",
                       score: Callable[[Any], torch.Tensor] | None = None,
+                      progress: Callable[[int, int], None] | None = None,
                       ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list[float]]]:
     """Metrics (the metrics.json shape), per-prompt records and per-policy score lists.
 
@@ -165,6 +166,7 @@ def evaluate_policies(model, tokenizer, prompts, settings, *, batch_size: int, s
     ``SamplingSettings``. Batch ``k`` (prompts ``start:start + batch_size``) samples both policies with
     seed ``seed + start``. score: rollout -> (B,) scores; default: the reward adapter on the training
     format, as PPO scores (``reward_scores`` with ``end_of_turn_token``, PPO's setting of that name).
+    progress: called as ``progress(prompts_done, prompts_total)`` after each batch.
     """
     from .rollout import left_pad
 
@@ -188,6 +190,8 @@ def evaluate_policies(model, tokenizer, prompts, settings, *, batch_size: int, s
                 record.response_ids.append(ids)
                 content = ids[:-1] if stopped else ids  # cut at the stop token
                 record.texts.append(tokenizer.decode(content, skip_special_tokens=True).strip())
+        if progress is not None:
+            progress(min(start + batch_size, len(prompts)), len(prompts))
     answers = [list(answer["text"]) for answer in prompts["answers"]] if "answers" in prompts.column_names else None
     metrics: dict[str, Any] = {name: _policy_metrics(per_policy[name], answers, ground_truth, prompts)
                                for name in POLICIES}

@@ -61,3 +61,20 @@ def install_progress(trainer) -> None:
         trainer.add_callback(RichProgressCallback)
     else:
         trainer.add_callback(PlainProgressCallback)
+
+
+def plain_progress(label: str, stream=None):
+    """``report(done, total)`` printing ``[label] done/total (p%), elapsed, ETA`` at least every 10%."""
+    start, printed = time.perf_counter(), [0]
+
+    def report(done: int, total: int) -> None:
+        step = max(1, total // PLAIN_LINES)
+        if done < total and done - printed[0] < step:
+            return
+        printed[0] = done
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (total - done) if done else float("nan")
+        print(f"[{label}] {done}/{total} ({100 * done // max(total, 1)}%) | {elapsed:.0f} s, ETA {eta:.0f} s",
+              file=stream or sys.stdout, flush=True)
+
+    return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..progress import plain_progress
 from ..registry import register_stage
 from .data_stage import load_stage_dataset
 from .ppo_stage import LOG_HISTORY_FILE, PPO_FINAL_DIR
@@ -58,6 +59,7 @@ def evaluate_stage(context: StageContext) -> StageResult:
                 batch_size=settings.batch_size, seed=settings.seed,
                 end_of_turn_token=getattr(ppo, "end_of_turn_token", "auto"),
                 ground_truth=ground_truth_for((data.preference.source, data.prompts.source)),
+                progress=plain_progress("evaluate prompts"),
             )
         write_outputs(context.stage_dir, metrics, records, settings.num_shown_samples)
         plot_reward_histogram(scores, context.stage_dir / "reward_histogram.png")
