@@ -38,7 +38,6 @@ REPORTED_STATS = ("ppo/mean_scores", "objective/kl", "ppo/loss/total", "ppo/poli
 
 @dataclass
 class ScriptArguments:
-    model_name: str = field(default="huggyllama/llama-7b", metadata={"help": "base model id or folder"})
     dataset_name: str = field(default="Anthropic/hh-rlhf", metadata={"help": "hh-rlhf id or a local folder"})
     dataset_split: str = field(default="train[:1%]", metadata={"help": "split of the prompts"})
     rm_adapter: str = field(default="trl-lib/llama-7b-hh-rm-adapter", metadata={"help": "reward adapter folder"})
@@ -62,7 +61,8 @@ def build_model(script_args: ScriptArguments, ppo_config: PPOConfig):
         from accelerate import PartialState
 
         kwargs["device_map"] = {"": PartialState().local_process_index}
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(script_args.model_name, peft_config=lora_config,
+    # --model_name is PPOConfig's field (as in TRL's ppo.py); TRL's script had its own, default huggyllama/llama-7b
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(ppo_config.model_name, peft_config=lora_config,
                                                               reward_adapter=script_args.rm_adapter, **kwargs)
     if ppo_config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -101,7 +101,7 @@ def main(argv=None):
     parser = HfArgumentParser((ScriptArguments, PPOConfig))
     script_args, ppo_config = parser.parse_args_into_dataclasses(args=argv)
     model = build_model(script_args, ppo_config)
-    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(ppo_config.model_name)
     tokenizer.pad_token = tokenizer.eos_token
     dataset = build_dataset(script_args, tokenizer, ppo_config.dataset_num_proc)
 

@@ -130,7 +130,9 @@ class AutoModelForCausalLMWithValueHead(MultiAdapterModel):
         config.inference_mode = False
         state = {key: value.detach().clone() for key, value in
                  get_peft_model_state_dict(peft_model, adapter_name=names[0]).items()}
-        base = peft_model.unload()  # the base model without LoRA layers, weights untouched
+        with warnings.catch_warnings():  # peft 0.21 calls transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            base = peft_model.unload()  # the base model without LoRA layers, weights untouched
         model = cls._build(base, config, reward_adapter, reward_label_index, kwargs)
         result = set_peft_model_state_dict(model.peft_model, state, adapter_name="policy")
         unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora_" in key]
@@ -288,6 +290,10 @@ class AutoModelForCausalLMWithValueHead(MultiAdapterModel):
 
     def gradient_checkpointing_disable(self) -> None:
         set_gradient_checkpointing(self, False)
+
+    def enable_input_require_grads(self) -> None:
+        """The base's ``enable_input_require_grads`` (only reentrant checkpointing needs it; ours is not)."""
+        self.peft_model.get_base_model().enable_input_require_grads()
 
 
 def set_gradient_checkpointing(model: MultiAdapterModel, enabled: bool) -> None:

@@ -309,6 +309,8 @@ class _RecordingPasses:
         self._passes, self._current_record, self._settings = passes, current_record, settings
 
     def __getattr__(self, name):
+        if name == "_passes":  # not set yet (copying): no recursion
+            raise AttributeError(name)
         return getattr(self._passes, name)
 
     def old_logprobs_and_values(self, rollout, first_order, exact):
