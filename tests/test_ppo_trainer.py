@@ -569,25 +569,6 @@ def test_evaluate_reports_score_kl_and_length_without_touching_training_randomne
     assert trainer.state.log_history[-1]["eval_score"] == metrics["eval_score"]
 
 
-def test_step_api_generate_and_log_stats_follow_trl_0_11(tmp_path, tiny_tokenizer):
-    from trl_multiadapter import trl011
-
-    trainer = trl011.PPOTrainer(config=make_config(tmp_path, batch_size=4), model=policy_model(),
-                                tokenizer=tiny_tokenizer, dataset=prompt_dataset(8))
-    for batch in trainer.dataloader:
-        queries = batch["input_ids"]
-        responses = trainer.generate(queries, return_prompt=False, max_new_tokens=6, do_sample=True, top_k=0.0,
-                                     top_p=1.0, pad_token_id=PAD_ID)
-        assert all(1 <= len(response) <= 6 for response in responses)
-        scores = [torch.tensor(target_token_reward(None, None, [r.tolist()])[0]) for r in responses]
-        stats = trainer.step(queries, responses, scores)
-        trainer.log_stats(stats, batch, scores)
-        assert stats["objective/scores"] == pytest.approx(float(torch.stack(scores).mean()))
-    assert trainer.state.global_step == 2 and len(metric(trainer, "objective/scores")) == 2
-    with pytest.raises(ValueError, match="temperature"):
-        trainer.generate(queries, temperature=0.5)
-
-
 def test_step_with_prompts_only_samples_scores_and_updates(tmp_path, tiny_tokenizer):
     seen = []
 
@@ -706,48 +687,3 @@ def test_two_process_gloo_run_keeps_adapters_identical_and_prompts_disjoint(tmp_
     assert results[0]["digest"] == results[1]["digest"]
     assert len(results[0]["prompts"]) == len(results[1]["prompts"]) == 2 * 4  # 2 iterations x batch_size 4
     assert not set(results[0]["prompts"]) & set(results[1]["prompts"])
-
-
-# --------------------------------------------------------------------------- TRL 0.11 migration
-
-
-def load_example():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "trl_011_style_loop.py"
-    spec = importlib.util.spec_from_file_location("trl_011_style_loop", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_trl_0_11_style_script_runs_with_only_new_imports(tmp_path):
-    example = load_example()
-    base_dir, reward_dir = example.tiny_offline_assets(tmp_path)
-    trainer = example.main(base_dir, reward_dir, steps=2)
-    assert trainer.state.global_step == 2 and len(metric(trainer, "objective/scores")) == 2
-    assert trainer.config is trainer.args and trainer.args.gradient_accumulation_steps == 2
-
-
-def test_trl_0_11_names_map_onto_the_new_classes(tmp_path, tiny_tokenizer, tiny_model_dir):
-    from trl_multiadapter.trl011 import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
-
-    config = PPOConfig(kl_penalty="mse", log_with=None, max_grad_norm=None, optimize_cuda_cache=True, steps=100,
-                       batch_size=4, mini_batch_size=2, output_dir=str(tmp_path))
-    assert (config.kl_estimator, config.max_grad_norm, config.batch_size) == ("mse", 1.0, 4)
-    adapter = write_reward_adapter(tmp_path / "reward2", tiny_model_dir, num_labels=2)
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(str(tiny_model_dir), reward_adapter=adapter,
-                                                              reward_label_index=1)
-    rows = [tiny_tokenizer("a short text")["input_ids"], tiny_tokenizer("a much longer text than that one")["input_ids"]]
-    width = max(map(len, rows))
-    input_ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in rows])  # right padding, as TRL scripts
-    attention_mask = (torch.arange(width)[None] < torch.tensor([[len(r)] for r in rows])).long()
-    scores = model.compute_reward_score(input_ids=input_ids, attention_mask=attention_mask)
-    reference = merged_reward_model(adapter, num_labels=2)
-    with torch.no_grad():
-        expected = torch.stack([reference(input_ids=torch.tensor([row])).logits[0] for row in rows])
-    assert scores.shape == (2, 1, 2) and torch.allclose(scores[:, -1], expected, atol=1e-5)
-    assert model.reward_label_index == 1
-    with pytest.raises(ValueError, match="ref_model"):
-        PPOTrainer(config, model, ref_model=model, tokenizer=tiny_tokenizer)
