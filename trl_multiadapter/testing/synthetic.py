@@ -50,8 +50,8 @@ def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neut
     and ``DISMISSIVE_WORDS`` when rejected. With ``neutral_rejected`` = p, a share p of the rejected answers
     fills the same positions with neutral words instead: a pairwise reward can then not rank by the
     dismissive words alone and must also value the helpful ones (an empty or neutral answer is not "good").
-    With ``terse_rejected`` = q, a share q of the rejected answers is instead the first one or two neutral
-    words of the skeleton: a curt answer loses to a complete one, as in real preference data.
+    With ``terse_rejected`` = q, a share q of the rejected answers is instead the chosen answer cut to its
+    first one or two words: a curt answer loses to a complete one, as in real preference data.
     """
     for name, share in (("neutral_rejected", neutral_rejected), ("terse_rejected", terse_rejected)):
         if not 0.0 <= share <= 1.0:
@@ -130,14 +130,13 @@ def _final_answers(rng: random.Random, neutral_rejected: float = 0.0, terse_reje
         return text[0].upper() + text[1:] + ending
 
     # Drawn only when asked for, so the defaults keep every earlier seed's output unchanged.
+    chosen = fill(words.HELPFUL_WORDS)
     draw = rng.random() if neutral_rejected > 0 or terse_rejected > 0 else 1.0
     if draw < neutral_rejected:
-        return fill(words.HELPFUL_WORDS), fill(_FILLER)
-    if draw < neutral_rejected + terse_rejected:
-        neutral = [word for word in skeleton if word is not None][: rng.randint(1, 2)] or [rng.choice(neutral_pool)]
-        terse = " ".join(neutral)
-        return fill(words.HELPFUL_WORDS), terse[0].upper() + terse[1:] + ending
-    return fill(words.HELPFUL_WORDS), fill(words.DISMISSIVE_WORDS)
+        return chosen, fill(_FILLER)
+    if draw < neutral_rejected + terse_rejected:  # the chosen answer cut to its first word or two
+        return chosen, " ".join(chosen[:-1].split()[: rng.randint(1, 2)]) + ending
+    return chosen, fill(words.DISMISSIVE_WORDS)
 
 
 # ------------------------------------------------------------------------------------------------- SQuAD
