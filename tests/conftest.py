@@ -125,3 +125,29 @@ def tiny_run(tmp_path_factory):
                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1])
     assert code == 0, (run_dir.parent / "run.log").read_text()[-3000:]
     return run_dir
+
+
+# --- a trained-looking policy adapter ----------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def write_random_policy_adapter():
+    """``write(path, seed) -> path``: a CAUSAL_LM LoRA (r=4, all-linear) over the tiny base whose B matrices
+    are random, so the policy differs from the base; saved with peft's save_pretrained."""
+    def write(path, seed: int = 0):
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from trl_multiadapter.testing import build_tiny_model
+
+        peft_model = get_peft_model(build_tiny_model("tiny"), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                                         target_modules="all-linear"))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        peft_model.save_pretrained(path)
+        return path
+
+    return write

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from trl_multiadapter.export import (
     MODEL_CARD,
@@ -34,18 +33,6 @@ METRICS = {
                 "kl_full": 3.25, "response_length": 6.0, "stop_rate": 1.0},
     "win_rate": 0.9, "num_prompts": 64,
 }
-
-
-def write_causal_adapter(path: Path, seed: int = 0) -> Path:
-    peft_model = get_peft_model(build_tiny_model("tiny"), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
-                                                                     target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    peft_model.save_pretrained(path)
-    return path
 
 
 # --------------------------------------------------------------------------- model card
@@ -91,9 +78,9 @@ def test_local_base_is_named_by_its_folder_only(tmp_path):
     assert "my-llama" in name.description
 
 
-def test_copied_adapters_drop_peft_template_and_point_at_the_base(tmp_path):
+def test_copied_adapters_drop_peft_template_and_point_at_the_base(tmp_path, write_random_policy_adapter):
     source = tmp_path / "final"
-    write_causal_adapter(source / "policy")
+    write_random_policy_adapter(source / "policy")
     (source / "README.md").write_text("# Model Card for Model ID\n[More Information Needed]\n")
     (source / "tokenizer.json").write_text("{}")
     copy_saved_adapters(source, tmp_path / "export", "meta-llama/Llama-3.1-8B-Instruct")
@@ -105,21 +92,21 @@ def test_copied_adapters_drop_peft_template_and_point_at_the_base(tmp_path):
 # --------------------------------------------------------------------------- generate
 
 
-def test_reward_and_saved_model_folders_are_refused_with_the_fix(tmp_path):
+def test_reward_and_saved_model_folders_are_refused_with_the_fix(tmp_path, write_random_policy_adapter):
     reward = tmp_path / "reward"
     reward.mkdir()
     (reward / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS"}))
     with pytest.raises(ValueError, match=r"reward adapter \(task_type SEQ_CLS\).*pass the policy adapter"):
         check_policy_adapter(reward)
     saved = tmp_path / "export"
-    write_causal_adapter(saved / "policy")
+    write_random_policy_adapter(saved / "policy")
     with pytest.raises(FileNotFoundError, match=re.escape(f"pass {saved / 'policy'}")):
         check_policy_adapter(saved)
     assert check_policy_adapter(saved / "policy") == saved / "policy"
 
 
-def test_greedy_generate_equals_argmax_decoding_of_plain_peft(tmp_path, tiny_tokenizer):
-    adapter = write_causal_adapter(tmp_path / "policy", seed=4)
+def test_greedy_generate_equals_argmax_decoding_of_plain_peft(tmp_path, tiny_tokenizer, write_random_policy_adapter):
+    adapter = write_random_policy_adapter(tmp_path / "policy", seed=4)
     questions = ["Who went to the bakery?", "What did Mira paint?"]
     answers = generate_from_adapter("builtin:tiny", str(adapter), questions, max_new_tokens=6, do_sample=False,
                                     temperature=0.3)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from trl_multiadapter import ppo_math
 from trl_multiadapter.model import MultiAdapterModel
@@ -21,22 +21,9 @@ EOT_ID, EOS_ID = 4, 1  # <|eot_id|>, <|end_of_text|> of the tiny tokenizer
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
-def write_policy_adapter(path, seed: int = 3):
-    """A CAUSAL_LM LoRA whose B matrices are random, so the policy differs from the base."""
-    peft_model = get_peft_model(build_tiny_model("tiny"), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
-                                                                     target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    peft_model.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory):
-    return write_policy_adapter(tmp_path_factory.mktemp("policy") / "adapter")
+def policy_dir(tmp_path_factory, write_random_policy_adapter):
+    return write_random_policy_adapter(tmp_path_factory.mktemp("policy") / "adapter", seed=3)
 
 
 @pytest.fixture(scope="module")
