@@ -125,3 +125,24 @@ class Timings(defaultdict):
             yield
         finally:
             self[name] += time.perf_counter() - start
+
+
+class EvaluationTotals:
+    """Sums of ``trainer.evaluate()``'s metrics over batches and processes: score, the k1 KL to the
+    reference summed over each response (``kl_k1``), response length and stops, per sampled response."""
+
+    def __init__(self, device) -> None:
+        self.totals = torch.zeros(5, dtype=torch.float64, device=device)  # score, kl, length, eos, count
+
+    def add(self, rollout: Rollout, scores: torch.Tensor, kl: torch.Tensor) -> None:
+        batch = [scores.double().sum(), kl.double().sum(), rollout.response_mask.sum().double(),
+                 rollout.stopped.double().sum(), torch.tensor(float(rollout.batch_size), dtype=torch.float64)]
+        self.totals += torch.stack([value.to(self.totals.device) for value in batch])
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        from .distributed import sum_across_processes
+
+        totals = sum_across_processes(self.totals)
+        count = totals[4].clamp(min=1)
+        return {f"{prefix}_score": (totals[0] / count).item(), f"{prefix}_kl_k1": (totals[1] / count).item(),
+                f"{prefix}_response_length": (totals[2] / count).item(), f"{prefix}_num_eos_tokens": totals[3].item()}

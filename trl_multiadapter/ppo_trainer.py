@@ -41,6 +41,7 @@ from .kl_control import RunningMoments, build_kl_controller
 from .model import MultiAdapterModel
 from .ppo_config import MultiAdapterPPOConfig
 from .ppo_metrics import (
+    EvaluationTotals,
     MinibatchResult,
     NonFiniteValueError,
     OptimisationRecord,
@@ -245,25 +246,16 @@ class MultiAdapterPPOTrainer(Trainer):
             raise ValueError("evaluate() needs an eval_dataset (a `prompt` column), passed here or to the trainer")
         check_prompt_columns(dataset, "eval_dataset")
         rows = list(range(self.process_index, len(dataset), self.num_processes))
-        totals = torch.zeros(5, dtype=torch.float64, device=self.device)  # score, kl, length, eos, count
+        totals = EvaluationTotals(self.device)
         with isolated_rng(self.args.seed + self.state.global_step):
             for start in range(0, len(rows), self.args.per_device_eval_batch_size):
                 columns = select_columns(dataset, rows[start : start + self.args.per_device_eval_batch_size])
                 rollout = self._generate(*left_pad(encode_prompts(self.processing_class, columns),
                                                    self.pad_token_id, self.device), for_training=False)
                 ref_logprobs, _ = self.passes.reference(rollout)
-                kl = ppo_math.sequence_kl(rollout.logprobs, ref_logprobs, rollout.response_mask, "k1")
-                totals += torch.stack([self._score(rollout, columns).double().sum(), kl.double().sum(),
-                                       rollout.response_mask.sum().double(), rollout.stopped.double().sum(),
-                                       torch.tensor(float(rollout.batch_size), dtype=torch.float64)]).to(self.device)
-        totals = distributed.sum_across_processes(totals)
-        count = totals[4].clamp(min=1)
-        metrics = {
-            f"{metric_key_prefix}_score": (totals[0] / count).item(),
-            f"{metric_key_prefix}_kl_k1": (totals[1] / count).item(),
-            f"{metric_key_prefix}_response_length": (totals[2] / count).item(),
-            f"{metric_key_prefix}_num_eos_tokens": totals[3].item(),
-        }
+                totals.add(rollout, self._score(rollout, columns),
+                           ppo_math.sequence_kl(rollout.logprobs, ref_logprobs, rollout.response_mask, "k1"))
+        metrics = totals.metrics(metric_key_prefix)
         self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics
