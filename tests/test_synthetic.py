@@ -206,3 +206,30 @@ def test_squad_rejects_a_suffix_that_does_not_fit_the_layout(tmp_path):
         write_tiny_squad(tmp_path / "nested.jsonl", n=3, nested=True)
     with pytest.raises(ValueError, match=r"\.jsonl"):
         write_tiny_squad(tmp_path / "flat.parquet", n=3, nested=False)
+
+
+def test_harder_rejected_answers_keep_chosen_strictly_more_helpful(tmp_path):
+    """neutral / terse / sparse rejected answers: chosen always has more helpful words and no dismissive ones;
+    each kind has its shape (no planted word; a one-or-two-word prefix of chosen; exactly one helpful word)."""
+    rows = read_json_lines(write_tiny_hh_rlhf(tmp_path / "pairs.jsonl", n=300, seed=5, neutral_rejected=0.25,
+                                              terse_rejected=0.25, sparse_rejected=0.25))
+    kinds = {"neutral": 0, "terse": 0, "sparse": 0, "dismissive": 0}
+    for row in rows:
+        _, chosen = split_final_answer(row["chosen"])
+        _, rejected = split_final_answer(row["rejected"])
+        chosen_helpful, chosen_dismissive = planted_counts(chosen)
+        helpful, dismissive = planted_counts(rejected)
+        assert chosen_dismissive == 0 and chosen_helpful > helpful
+        chosen_words, rejected_words = chosen[:-1].split(), rejected[:-1].split()
+        if dismissive:
+            kinds["dismissive"] += 1
+        elif len(rejected_words) <= 2 and rejected_words == chosen_words[: len(rejected_words)]:
+            kinds["terse"] += 1
+        elif helpful == 1 and len(rejected_words) == len(chosen_words):
+            kinds["sparse"] += 1
+        else:
+            assert helpful == 0 and len(rejected_words) == len(chosen_words), rejected
+            kinds["neutral"] += 1
+    assert all(count > 40 for count in kinds.values()), kinds
+    with pytest.raises(ValueError, match="at most 1"):
+        write_tiny_hh_rlhf(tmp_path / "bad.jsonl", n=2, neutral_rejected=0.6, terse_rejected=0.6)

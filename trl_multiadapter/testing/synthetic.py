@@ -40,7 +40,7 @@ FINAL_ANSWER_WORDS = (4, 10)  # inclusive range of words in a final assistant an
 
 
 def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neutral_rejected: float = 0.0,
-                       terse_rejected: float = 0.0) -> Path:
+                       terse_rejected: float = 0.0, sparse_rejected: float = 0.0) -> Path:
     """Write ``n`` synthetic preference pairs in Anthropic hh-rlhf's format and return the path.
 
     One JSON object per line, ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``;
@@ -51,30 +51,34 @@ def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neut
     fills the same positions with neutral words instead: a pairwise reward can then not rank by the
     dismissive words alone and must also value the helpful ones (an empty or neutral answer is not "good").
     With ``terse_rejected`` = q, a share q of the rejected answers is instead the chosen answer cut to its
-    first one or two words: a curt answer loses to a complete one, as in real preference data.
+    first one or two words: a curt answer loses to a complete one, as in real preference data. With
+    ``sparse_rejected`` = s, a share s keeps just one of the chosen answer's helpful words (the other
+    planted positions neutral): more helpful words beat fewer, so the reward grows with them.
     """
-    for name, share in (("neutral_rejected", neutral_rejected), ("terse_rejected", terse_rejected)):
+    shares = {"neutral_rejected": neutral_rejected, "terse_rejected": terse_rejected,
+              "sparse_rejected": sparse_rejected}
+    for name, share in shares.items():
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {share}")
-    if neutral_rejected + terse_rejected > 1.0:
-        raise ValueError("neutral_rejected + terse_rejected must be at most 1")
+    if sum(shares.values()) > 1.0:
+        raise ValueError("neutral_rejected + terse_rejected + sparse_rejected must be at most 1")
     path = Path(path)
     _check_suffix(path, HH_SUFFIXES, "write_tiny_hh_rlhf")
     _check_count(n)
     rng = random.Random(seed)
-    lines = (json.dumps(_hh_pair(rng, neutral_rejected, terse_rejected)) for _ in range(n))
+    lines = (json.dumps(_hh_pair(rng, (neutral_rejected, terse_rejected, sparse_rejected))) for _ in range(n))
     _write_lines(path, lines)
     return path
 
 
-def _hh_pair(rng: random.Random, neutral_rejected: float = 0.0, terse_rejected: float = 0.0) -> dict[str, str]:
+def _hh_pair(rng: random.Random, shares: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> dict[str, str]:
     exchanges = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
     turns: list[tuple[str, str]] = []
     for index in range(exchanges):
         turns.append(("Human", _user_turn(rng)))
         if index < exchanges - 1:
             turns.append(("Assistant", _assistant_turn(rng)))
-    chosen_answer, rejected_answer = _final_answers(rng, neutral_rejected, terse_rejected)
+    chosen_answer, rejected_answer = _final_answers(rng, *shares)
     prompt = _render_turns(turns)
     return {
         "chosen": prompt + _render_turns([("Assistant", chosen_answer)]),
@@ -117,7 +121,8 @@ def _assistant_turn(rng: random.Random) -> str:
     return f"The {topic} is {adjective} and you can {verb} it."
 
 
-def _final_answers(rng: random.Random, neutral_rejected: float = 0.0, terse_rejected: float = 0.0) -> tuple[str, str]:
+def _final_answers(rng: random.Random, neutral_rejected: float = 0.0, terse_rejected: float = 0.0,
+                   sparse_rejected: float = 0.0) -> tuple[str, str]:
     """Chosen and rejected answers on one neutral skeleton; about half the words are planted."""
     length = rng.randint(*FINAL_ANSWER_WORDS)
     planted_positions = set(rng.sample(range(length), max(2, length // 2)))
@@ -131,11 +136,18 @@ def _final_answers(rng: random.Random, neutral_rejected: float = 0.0, terse_reje
 
     # Drawn only when asked for, so the defaults keep every earlier seed's output unchanged.
     chosen = fill(words.HELPFUL_WORDS)
-    draw = rng.random() if neutral_rejected > 0 or terse_rejected > 0 else 1.0
+    draw = rng.random() if neutral_rejected + terse_rejected + sparse_rejected > 0 else 1.0
     if draw < neutral_rejected:
         return chosen, fill(_FILLER)
     if draw < neutral_rejected + terse_rejected:  # the chosen answer cut to its first word or two
         return chosen, " ".join(chosen[:-1].split()[: rng.randint(1, 2)]) + ending
+    if draw < neutral_rejected + terse_rejected + sparse_rejected:  # one helpful word kept, the rest neutral
+        chosen_words = chosen[:-1].split()
+        keep = rng.choice(sorted(planted_positions))
+        sparse = [word if index == keep or index not in planted_positions else rng.choice(_FILLER)
+                  for index, word in enumerate(chosen_words)]
+        text = " ".join(sparse)
+        return chosen, text[0].upper() + text[1:] + ending
     return chosen, fill(words.DISMISSIVE_WORDS)
 
 
