@@ -48,11 +48,10 @@ from pathlib import Path
 from typing import Any
 
 PROCESS_START = time.perf_counter()  # the time limit counts from here: imports are part of the run
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Set when the script runs (main), not on import: a test importing this module must not change the
+# environment that later subprocesses inherit (TRANSFORMERS_VERBOSITY=error turns their progress off).
+SCRIPT_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                      "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -1137,6 +1136,8 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     if options is None:
         return 0
+    for name, value in SCRIPT_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     import torch
     import transformers
 

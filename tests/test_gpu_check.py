@@ -309,3 +309,13 @@ def test_dequantized_reference_reproduces_the_4bit_model(gpu_check, tiny_model_d
     assert original.num_hidden_layers == 2
     q_proj = reference.model.layers[0].self_attn.q_proj.weight
     assert len(torch.unique(q_proj[0, :64])) <= 16  # one NF4 block: at most 16 distinct codes times its scale
+
+
+def test_importing_the_script_leaves_the_environment_alone():
+    """The script's offline/verbosity variables are set by main(), not on import (an import in this test
+    process used to leak TRANSFORMERS_VERBOSITY=error into later subprocesses and hide their progress)."""
+    code = ("import os, sys; sys.path.insert(0, 'benchmarks'); before = dict(os.environ); import gpu_check; "
+            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
