@@ -142,3 +142,10 @@ def test_without_an_adapter_the_base_answers(tiny_tokenizer):
     response = tokens[len(ids):]
     cut = next((index for index, token in enumerate(response) if token in stops), len(response))
     assert greedy[0][1] == tiny_tokenizer.decode(response[:cut], skip_special_tokens=True).strip()
+
+
+def test_card_says_how_the_held_out_prompts_were_made():
+    carved = "5% of the train rows carved by content hash (seed 0): the source has no eval split"
+    card = model_card(load("tiny_cpu"), METRICS, {}, prompts_held_out=carved)
+    assert f"held-out evaluation on {carved}" in card
+    assert "held-out evaluation on `validation`" in model_card(load("tiny_cpu"), METRICS, {})

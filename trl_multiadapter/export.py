@@ -136,8 +136,13 @@ def metrics_table(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def model_card(recipe, metrics: dict[str, Any] | None, reward_metrics: dict[str, Any]) -> str:
-    """The model card (README.md) of the export: base, data, hyperparameters, metrics, intended use, serving."""
+def model_card(recipe, metrics: dict[str, Any] | None, reward_metrics: dict[str, Any],
+               prompts_held_out: str | None = None) -> str:
+    """The model card (README.md) of the export: base, data, hyperparameters, metrics, intended use, serving.
+
+    prompts_held_out: how the data stage made the held-out prompts (``data_report.json``'s ``held_out.reason``,
+    e.g. a carved share of the train split); None names the recipe's eval split.
+    """
     ppo, data = recipe.ppo, recipe.data
     preference, prompts = data.preference, data.prompts
     base = base_model_name(recipe.model)
@@ -162,7 +167,8 @@ def model_card(recipe, metrics: dict[str, Any] | None, reward_metrics: dict[str,
            if preference.path else "")
         + f", split `{preference.train_split}`, max {preference.max_length} tokens",
         f"- PPO prompts: `{prompts.source}`" + (f" (`{Path(prompts.path).name}`)" if prompts.path else "")
-        + f", split `{prompts.train_split}`; held-out evaluation on `{prompts.eval_split}`",
+        + f", split `{prompts.train_split}`; held-out evaluation on "
+        + (prompts_held_out if prompts_held_out else f"`{prompts.eval_split}`"),
         "",
         "## Hyperparameters",
         "",

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from ..registry import register_stage
+from .data_stage import DATA_REPORT_FILE
 from .ppo_stage import PPO_FINAL_DIR
 from .runner import (
     StageContext,
@@ -44,7 +45,7 @@ def export_stage(context: StageContext) -> StageResult:
         reward_metrics_file = context.path("reward") / "reward_metrics.json"
         reward_metrics = json.loads(reward_metrics_file.read_text())["metrics"] if reward_metrics_file.is_file() else {}
         card = model_card(recipe, json.loads(evaluation.read_text()) if evaluation.is_file() else None,
-                          reward_metrics)
+                          reward_metrics, prompts_held_out=_prompts_held_out(context))
         # One card: at the top of the export, and in policy/ because that folder is what the hub push uploads.
         for folder in (context.stage_dir, context.stage_dir / POLICY_DIR):
             (folder / MODEL_CARD).write_text(card)
@@ -57,3 +58,11 @@ def export_stage(context: StageContext) -> StageResult:
                                              recipe.export.hub_private)
     context.wait_for_everyone()
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _prompts_held_out(context: StageContext) -> str | None:
+    """How the data stage made the held-out prompts (its report's ``held_out.reason``), if it says."""
+    report = context.path("data") / DATA_REPORT_FILE
+    if not report.is_file():
+        return None
+    return ((json.loads(report.read_text()).get("prompts_eval") or {}).get("held_out") or {}).get("reason")
