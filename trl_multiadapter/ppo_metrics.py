@@ -113,18 +113,29 @@ def mean(values: list[float]) -> float:
 
 
 class Timings(defaultdict):
-    """Seconds per phase of one iteration, under TRL-style ``time/...`` names."""
+    """Seconds per phase of one iteration, under TRL-style ``time/...`` names.
+
+    CUDA kernels run asynchronously: without a synchronisation a phase's time would land in whichever later
+    phase waits for the GPU, so on CUDA each measurement synchronises before reading the clock.
+    """
 
     def __init__(self) -> None:
         super().__init__(float)
 
     @contextmanager
     def measure(self, name: str):
+        _synchronise()
         start = time.perf_counter()
         try:
             yield
         finally:
+            _synchronise()
             self[name] += time.perf_counter() - start
+
+
+def _synchronise() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class EvaluationTotals:
