@@ -46,19 +46,22 @@ def end_of_turn_ids(tokenizer, token: str | None = "auto") -> tuple[int, ...]:
     return tuple(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else ()
 
 
-def training_format_responses(rollout: Rollout, stop_ids: Sequence[int], end_ids: Sequence[int]) -> list[torch.Tensor]:
-    """Each response as the reward saw answers in training: 1-D ids, a final stop token replaced by ``end_ids``.
+def training_format_ids(response_ids: Sequence[int], stop_ids, end_ids: Sequence[int]) -> list[int]:
+    """One response as the reward saw answers in training: a final stop token replaced by ``end_ids``.
 
     Sampling cuts a response after its first stop token, so a stopped response ends with it; a response
     that never stopped is returned as it stands.
     """
-    responses = []
-    for ids, mask in zip(rollout.response_ids, rollout.response_mask):
-        response = ids[mask.bool()]
-        if end_ids and response.numel() and int(response[-1]) in stop_ids:
-            response = torch.cat([response[:-1], response.new_tensor(list(end_ids))])
-        responses.append(response)
-    return responses
+    ids = [int(token) for token in response_ids]
+    if end_ids and ids and ids[-1] in stop_ids:
+        return ids[:-1] + list(end_ids)
+    return ids
+
+
+def training_format_responses(rollout: Rollout, stop_ids: Sequence[int], end_ids: Sequence[int]) -> list[torch.Tensor]:
+    """Every response of a rollout in the training format (``training_format_ids``), as 1-D tensors."""
+    return [ids.new_tensor(training_format_ids(ids[mask.bool()].tolist(), stop_ids, end_ids))
+            for ids, mask in zip(rollout.response_ids, rollout.response_mask)]
 
 
 class RewardAdapterScores:

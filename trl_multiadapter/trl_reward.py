@@ -43,22 +43,10 @@ from .model import (
 from .model_io import check_adapter_dir, read_score_head
 from .prompts import is_conversational, pad_token_id
 from .rollout import left_pad
-from .scoring import end_of_turn_ids
+from .scoring import end_of_turn_ids, training_format_ids
 
 REWARD_FUNCTION_NAME = "reward_adapter"  # TRL logs the scores as rewards/<name>/mean
 _FLAG_KEYS = ("_active_adapter", "_disable_adapters")
-
-
-def training_format_completion(completion_ids: Sequence[int], stop_ids, end_ids: Sequence[int]) -> list[int]:
-    """A completion as the reward saw answers in training: a final stop token replaced by ``end_ids``.
-
-    Sampling cuts a completion after its first stop token, so a stopped completion ends with it; one that
-    ran out of tokens is returned as it stands (as ``scoring.training_format_responses`` does on a rollout).
-    """
-    ids = [int(token) for token in completion_ids]
-    if end_ids and ids and ids[-1] in stop_ids:
-        return ids[:-1] + list(end_ids)
-    return ids
 
 
 def tuner_layers(peft_model) -> list[nn.Module]:
@@ -251,7 +239,7 @@ class RewardAdapterFunction:
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"got {len(prompt_ids)} prompts but {len(completion_ids)} completions; give one per completion")
         sequences = [
-            [int(token) for token in prompt] + training_format_completion(completion, self.stop_ids, self.end_ids)
+            [int(token) for token in prompt] + training_format_ids(completion, self.stop_ids, self.end_ids)
             for prompt, completion in zip(prompt_ids, completion_ids)
         ]
         scores = [self._score_batch(sequences[start:start + self.batch_size])
