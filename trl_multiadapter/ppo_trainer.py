@@ -88,8 +88,9 @@ class MultiAdapterPPOTrainer(Trainer):
         optimizers: ``(optimizer, lr_scheduler)`` to use instead of the ones built from ``args``.
 
     Public seams: ``sampler`` (``f(model, query_ids, query_mask, settings) -> Rollout``, default
-    :func:`~trl_multiadapter.rollout.sample_rollout`) and ``reward_source`` (``f(rollout, columns) ->
-    scores (B,)``) may be replaced, e.g. to wrap them in tests.
+    :func:`~trl_multiadapter.rollout.sample_rollout`), ``reward_source`` (``f(rollout, columns) ->
+    scores (B,)``) and ``passes`` (:class:`~trl_multiadapter.batching.RolePasses`, the policy and reference
+    forward passes) may be replaced or wrapped, e.g. in tests or by ``trl011`` to record TRL's statistics.
     """
 
     def __init__(
