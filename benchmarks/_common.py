@@ -105,9 +105,8 @@ def save_policy_adapter(base, settings: FixtureSettings, path: Path) -> None:
     model.save_pretrained(path)
 
 
-def save_reward_adapter(base, settings: FixtureSettings, path: Path) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
+def sequence_classifier(base):
+    """A 1-label LlamaForSequenceClassification holding ``base``'s weights (only the score head is new)."""
     from transformers import LlamaForSequenceClassification
 
     config = base.config.__class__.from_dict(base.config.to_dict())
@@ -116,6 +115,14 @@ def save_reward_adapter(base, settings: FixtureSettings, path: Path) -> None:
     missing, _ = classifier.load_state_dict(base.state_dict(), strict=False)
     if set(missing) != {"score.weight"}:
         raise RuntimeError(f"reward model did not take the base weights; missing {missing}")
+    return classifier
+
+
+def save_reward_adapter(base, settings: FixtureSettings, path: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    classifier = sequence_classifier(base)
     lora = LoraConfig(task_type="SEQ_CLS", target_modules=list(REWARD_TARGETS), bias="none", **settings.reward_lora)
     model = get_peft_model(classifier, lora)
     with torch.no_grad():

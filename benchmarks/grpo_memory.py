@@ -36,18 +36,13 @@ def prepare(workdir: Path, size: str) -> Path:
     import _common
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, LlamaForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
     _common.ensure_workdir(workdir, _common.FixtureSettings(model_size=size, vocab_size=VOCAB_SIZES[size]))
     merged_dir = workdir / "merged_reward_model"
     if not (merged_dir / "config.json").is_file():
         base = AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
-        config = base.config.__class__.from_dict(base.config.to_dict())
-        config.num_labels = 1
-        classifier = LlamaForSequenceClassification(config)
-        missing, _ = classifier.load_state_dict(base.state_dict(), strict=False)
-        if set(missing) != {"score.weight"}:
-            raise RuntimeError(f"the separate reward model did not take the base weights; missing {missing}")
+        classifier = _common.sequence_classifier(base)
         merged = PeftModel.from_pretrained(classifier, str(workdir / "reward_adapter")).merge_and_unload()
         merged.save_pretrained(merged_dir)
     return merged_dir
