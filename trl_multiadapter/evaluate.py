@@ -50,17 +50,11 @@ def sampling_settings(ppo, evaluate, tokenizer, model):
     """PPO's ``SamplingSettings`` from the recipe's ``ppo`` section; ``evaluate`` may shorten the responses
     (``max_new_tokens``) or decode greedily (``do_sample: false``). Stop ids as the trainer resolves them."""
     from .prompts import pad_token_id
-    from .rollout import SamplingSettings, stop_token_ids
+    from .rollout import ppo_sampling_settings, stop_token_ids
 
-    return SamplingSettings(
-        max_new_tokens=evaluate.max_new_tokens or ppo.max_new_tokens,
-        temperature=ppo.temperature,
-        top_k=ppo.top_k,
-        top_p=ppo.top_p,
-        stop_token_ids=stop_token_ids(tokenizer, model, ppo.stop_token),
-        pad_token_id=pad_token_id(tokenizer),
-        do_sample=evaluate.do_sample,
-    )
+    return ppo_sampling_settings(ppo, stop_token_ids(tokenizer, model, ppo.stop_token), pad_token_id(tokenizer),
+                                 max_new_tokens=evaluate.max_new_tokens or ppo.max_new_tokens,
+                                 do_sample=evaluate.do_sample)
 
 
 def reward_scores(model, tokenizer, settings, end_of_turn_token: str | None = "auto") -> Callable[[Any], torch.Tensor]:

@@ -58,6 +58,7 @@ from .rollout import (
     SamplingSettings,
     TrainingBatch,
     left_pad,
+    ppo_sampling_settings,
     rollout_from_tensors,
     sample_rollout,
     stop_token_ids,
@@ -340,11 +341,9 @@ class MultiAdapterPPOTrainer(Trainer):
 
     def _sampling_settings(self, for_training: bool = True, **overrides) -> SamplingSettings:
         args = self.args
-        settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, stop_token_ids=self.stop_token_ids, pad_token_id=self.pad_token_id,
-                        keep_logits=for_training and args.kl_estimator == "full" and args.rollout_logprobs == "generation",
-                        capture_values=for_training and self.model.value_model == "head")
-        return SamplingSettings(**{**settings, **overrides})
+        return ppo_sampling_settings(args, self.stop_token_ids, self.pad_token_id, **{
+            "keep_logits": for_training and args.kl_estimator == "full" and args.rollout_logprobs == "generation",
+            "capture_values": for_training and self.model.value_model == "head", **overrides})
 
     def _generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, for_training: bool = True,
                   **overrides) -> Rollout:

@@ -330,6 +330,15 @@ def _draw(logits: torch.Tensor, settings: SamplingSettings, warpers: list) -> to
     return torch.multinomial(probabilities, num_samples=1).squeeze(1)
 
 
+def ppo_sampling_settings(ppo, stop_ids: Sequence[int], pad_id: int, /, **overrides) -> SamplingSettings:
+    """How PPO samples, from a ``MultiAdapterPPOConfig`` or the recipe's ``ppo`` section (max_new_tokens,
+    temperature, top_k, top_p); the trainer and the evaluate stage both ask here, so they sample alike.
+    ``overrides`` replace any field (e.g. ``do_sample=False``, ``keep_logits=True``, ``stop_token_ids``)."""
+    settings = {"max_new_tokens": ppo.max_new_tokens, "temperature": ppo.temperature, "top_k": ppo.top_k,
+                "top_p": ppo.top_p, "stop_token_ids": tuple(stop_ids), "pad_token_id": pad_id}
+    return SamplingSettings(**{**settings, **overrides})
+
+
 # ---------------------------------------------------------------------------------------------------
 # where responses end
 
