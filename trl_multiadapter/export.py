@@ -249,18 +249,15 @@ def check_policy_adapter(adapter: str | Path) -> Path:
 
 def _load_generation_model(base: str, adapter: str | None):
     """(MultiAdapterModel, tokenizer) for base (+ adapter); a size mismatch is one line naming both."""
-    from .builtin_models import builtin_model, builtin_tokenizer, is_builtin
+    from .builder import load_tokenizer
+    from .builtin_models import builtin_model, is_builtin
     from .devices import process_device_map
     from .model import MultiAdapterModel
 
     if adapter:
         check_policy_adapter(adapter)
-    if is_builtin(base):
-        model_or_path, tokenizer, placement = builtin_model(base), builtin_tokenizer(base), {}
-    else:
-        from transformers import AutoTokenizer
-
-        model_or_path, tokenizer, placement = base, AutoTokenizer.from_pretrained(base), process_device_map()
+    tokenizer = load_tokenizer(base)
+    model_or_path, placement = (builtin_model(base), {}) if is_builtin(base) else (base, process_device_map())
     try:
         model = MultiAdapterModel.from_pretrained(model_or_path, policy_adapter=adapter, **placement)
     except RuntimeError as error:
@@ -299,10 +296,11 @@ def generate_from_adapter(base: str, adapter: str | None, prompts: list[str], *,
     """
     import torch
 
+    from .prompts import pad_token_id as pad_token_id_of
     from .rollout import SamplingSettings, left_pad, sample_rollout, stop_token_ids
 
     model, tokenizer = _load_generation_model(base, adapter)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad_token_id = pad_token_id_of(tokenizer)
     settings = SamplingSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop_token_ids=stop_token_ids(tokenizer, model, stop_token), pad_token_id=pad_token_id,
