@@ -135,3 +135,18 @@ def test_every_stop_token_is_scored_as_the_reward_saw_answers_in_training(tmp_pa
     unstopped = torch.tensor(tiny_tokenizer(answers[0], add_special_tokens=False)["input_ids"])
     alone = model.score(torch.tensor([list(prompt) + unstopped.tolist()])).item()
     assert trainer.score_responses([torch.tensor(prompt)], [unstopped]).item() == pytest.approx(alone, abs=1e-5)
+
+
+def test_evaluation_and_trl_style_generation_stay_out_of_the_next_iterations_timings(tmp_path, tiny_tokenizer):
+    """Only an iteration's own phases are timed: the phases of step() fit inside its time/iteration even when a
+    long evaluation (many prompts, long answers) ran just before it."""
+    torch.manual_seed(0)
+    model = MultiAdapterModel.from_pretrained(build_tiny_model("tiny"), policy_config=lora())
+    trainer = MultiAdapterPPOTrainer(model=model, args=config(tmp_path, max_new_tokens=4, stop_token=None),
+                                     processing_class=tiny_tokenizer,
+                                     reward_funcs=lambda prompts, completions, **kw: [1.0] * len(prompts),
+                                     eval_dataset=Dataset.from_dict({"prompt": [f"question {i}" for i in range(48)]}))
+    trainer.evaluate()
+    stats = trainer.step([torch.tensor(tiny_tokenizer(f"q {i}")["input_ids"]) for i in range(4)])
+    phases = stats["time/rollout/generation"] + stats["time/rollout/score"] + stats["time/optimisation"]
+    assert 0 < phases <= stats["time/iteration"]

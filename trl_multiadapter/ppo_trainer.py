@@ -215,12 +215,14 @@ class MultiAdapterPPOTrainer(Trainer):
         if response_tensors is None:
             if response_masks is not None:
                 raise ValueError("response_masks apply to given response_tensors only")
-            rollout = self._generate(*left_pad(query_tensors, self.pad_token_id, self.device))
+            with self.timings.measure("time/rollout/generation"):
+                rollout = self._generate(*left_pad(query_tensors, self.pad_token_id, self.device))
         else:
             rollout = rollout_from_tensors(query_tensors, response_tensors, response_masks, self.pad_token_id,
                                            self.stop_token_ids, self.device)
         if scores is None:
-            scores = self._score(rollout, {})
+            with self.timings.measure("time/rollout/score"):
+                scores = self._score(rollout, {})
         else:
             scores = scores_tensor(scores, rollout.batch_size, self.device)
         self.create_optimizer_and_scheduler(self._planned_iterations())
@@ -232,10 +234,7 @@ class MultiAdapterPPOTrainer(Trainer):
         """The scores (B,) PPO would use for these responses (1-D ids as sampled, stop token included)."""
         rollout = rollout_from_tensors(query_tensors, response_tensors, None, self.pad_token_id, self.stop_token_ids,
                                        self.device)
-        scores = self._score(rollout, {})
-        if self.args.missing_eos_penalty is not None:
-            scores = ppo_math.penalise_missing_stop(scores, rollout.stopped, self.args.missing_eos_penalty)
-        return scores
+        return self._penalise_missing_stop(self._score(rollout, {}), rollout.stopped)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Sample a response for every eval prompt; report its mean score, sampled KL to the reference
@@ -293,9 +292,12 @@ class MultiAdapterPPOTrainer(Trainer):
     def _train_iteration(self) -> dict[str, float]:
         start = time.perf_counter()
         columns = select_columns(self.train_dataset, self._prompt_order.next_batch())
-        rollout = self._generate(*left_pad(encode_prompts(self.processing_class, columns), self.pad_token_id,
-                                           self.device))
-        return self._ppo_update(rollout, self._score(rollout, columns), start)
+        with self.timings.measure("time/rollout/generation"):
+            rollout = self._generate(*left_pad(encode_prompts(self.processing_class, columns), self.pad_token_id,
+                                               self.device))
+        with self.timings.measure("time/rollout/score"):
+            scores = self._score(rollout, columns)
+        return self._ppo_update(rollout, scores, start)
 
     def _ppo_update(self, rollout: Rollout, scores: torch.Tensor, start: float) -> dict[str, float]:
         """Everything after sampling and scoring: rewards, advantages, optimisation, KL controller."""
@@ -311,8 +313,7 @@ class MultiAdapterPPOTrainer(Trainer):
             ref_logprobs, ref_logits = self.passes.reference(rollout, orders[0] if exact else None)
         mask = rollout.loss_mask
         self._check_finite(logprobs=rollout.logprobs, ref_logprobs=ref_logprobs, values=rollout.values, mask=mask)
-        if args.missing_eos_penalty is not None:
-            scores = ppo_math.penalise_missing_stop(scores, rollout.stopped, args.missing_eos_penalty)
+        scores = self._penalise_missing_stop(scores, rollout.stopped)
         kl = ppo_math.kl_penalty(rollout.logprobs, ref_logprobs, args.kl_estimator,
                                  logits=at_temperature(rollout.logits, args.temperature),
                                  ref_logits=at_temperature(ref_logits, args.temperature))
@@ -347,7 +348,7 @@ class MultiAdapterPPOTrainer(Trainer):
 
     def _generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, for_training: bool = True,
                   **overrides) -> Rollout:
-        with self.timings.measure("time/rollout/generation"), self.accelerator.autocast():
+        with self.accelerator.autocast():
             return self.sampler(self.model, query_ids, query_mask, self._sampling_settings(for_training, **overrides))
 
     def _score(self, rollout: Rollout, columns: dict[str, list]) -> torch.Tensor:
@@ -357,8 +358,11 @@ class MultiAdapterPPOTrainer(Trainer):
                 "no reward source: pass reward_adapter=<dir> (or a MultiAdapterModel built with one) or "
                 "reward_funcs=[callable], or give scores to step()"
             )
-        with self.timings.measure("time/rollout/score"):
-            return self.reward_source(rollout, columns)
+        return self.reward_source(rollout, columns)
+
+    def _penalise_missing_stop(self, scores: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
+        penalty = self.args.missing_eos_penalty
+        return scores if penalty is None else ppo_math.penalise_missing_stop(scores, stopped, penalty)
 
     def _shape_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Running-moment scaling / normalisation and clipping of the scores (TRL 0.11 options)."""
