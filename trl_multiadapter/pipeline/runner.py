@@ -139,8 +139,7 @@ def run_pipeline(
     # Accept the run before writing anything: a folder holding another recipe's finished stages is refused
     # here, and the refusal leaves recipe.yaml and the report as they were.
     fingerprints = {name: stage_fingerprint(recipe, name) for name in selected}
-    for name in selected:
-        read_stage_marker(run_dir / name, name, fingerprints[name])
+    finished_before = {name: read_stage_marker(run_dir / name, name, fingerprints[name]) for name in selected}
     if process_index == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomically(run_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -149,8 +148,7 @@ def run_pipeline(
     outcomes: list[StageOutcome] = []
     for name in selected:
         stage_dir = run_dir / name
-        fingerprint = stage_fingerprint(recipe, name)
-        finished = read_stage_marker(stage_dir, name, fingerprint)
+        finished = finished_before[name]  # running a stage never writes another stage's marker
         if finished is not None:
             results[name] = finished
             outcomes.append(StageOutcome(name, "skipped", finished))
@@ -163,7 +161,7 @@ def run_pipeline(
                                dict(results), process_index, num_processes)
         result = _run_stage(context)
         if process_index == 0:
-            write_stage_marker(stage_dir, name, result, fingerprint)
+            write_stage_marker(stage_dir, name, result, fingerprints[name])
         _barrier()
         results[name] = result
         outcomes.append(StageOutcome(name, "ran", result))
