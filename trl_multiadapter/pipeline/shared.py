@@ -41,12 +41,10 @@ def materialise_base_model(context: StageContext) -> None:
 
 
 def load_tokenizer(context: StageContext):
+    from ..builder import load_tokenizer as load
+
     model = context.recipe.model
     if model.is_builtin:
-        from ..builtin_models import builtin_tokenizer
-
-        return builtin_tokenizer(model.name_or_path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model.tokenizer or model.name_or_path, revision=model.revision,
-                                         trust_remote_code=model.trust_remote_code)
+        return load(model.name_or_path)
+    return load(model.tokenizer or model.name_or_path, revision=model.revision,
+                trust_remote_code=model.trust_remote_code)
