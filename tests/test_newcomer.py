@@ -112,3 +112,14 @@ def test_plain_progress_prints_at_least_every_tenth_and_the_end():
     counts = [int(line.split("] ")[1].split("/")[0]) for line in lines]
     assert counts[-1] == 128 and all(b - a <= 128 // 10 + 8 for a, b in zip([0, *counts], counts))
     assert all(line.startswith("[evaluate prompts] ") and "ETA" in line for line in lines)
+
+
+def test_a_flat_ppo_config_with_a_gpu_launch_config_stops_in_one_line_too(tmp_path):
+    flat = tmp_path / "ppo.yaml"
+    flat.write_text(f"model_name_or_path: builtin:tiny\ndataset_name: {tmp_path / 'prompts.jsonl'}\n"
+                    f"output_dir: {tmp_path / 'out'}\n")
+    result = cli("ppo", "--config", str(flat), "--accelerate_config", "g5_12xlarge")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "--accelerate_config: accelerate config 'g5_12xlarge' asks for GPUs" in lines[0]
+    assert not (tmp_path / "out").exists()

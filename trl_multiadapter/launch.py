@@ -76,6 +76,16 @@ class LaunchConfig:
                 f"mixed precision {self.mixed_precision}")
 
 
+def missing_gpus(config: LaunchConfig) -> str | None:
+    """Why ``config`` cannot launch here (it asks for GPUs and the machine has no CUDA device), or None."""
+    from .devices import cuda_available
+
+    if not config.gpu_requests or cuda_available():
+        return None
+    return (f"accelerate config {config.name!r} asks for GPUs ({', '.join(config.gpu_requests)}) but this machine "
+            "has no CUDA device.")
+
+
 def bundled_config_names() -> list[str]:
     root = importlib.resources.files(CONFIG_PACKAGE)
     return sorted(entry.name.removesuffix(".yaml") for entry in root.iterdir() if entry.name.endswith(".yaml"))

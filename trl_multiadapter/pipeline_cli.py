@@ -103,15 +103,13 @@ def _run(args: argparse.Namespace, command: str, until: str | None) -> int:
 
 def _check_launch_hardware(launch, key: str) -> None:
     """A config that asks for GPUs stops here, in one line, on a machine without CUDA."""
-    from .devices import cuda_available
+    from .launch import missing_gpus
     from .recipe import RecipeError
 
-    requests = launch.gpu_requests
-    if requests and not cuda_available():
-        raise RecipeError(key, f"accelerate config {launch.name!r} asks for GPUs ({', '.join(requests)}) but this "
-                               "machine has no CUDA device.",
-                          f"use --accelerate_config cpu_ddp (2 CPU processes) or --accelerate_config {NO_LAUNCHER} "
-                          "(one process, no launcher).")
+    problem = missing_gpus(launch)
+    if problem is not None:
+        raise RecipeError(key, problem, f"use --accelerate_config cpu_ddp (2 CPU processes) or --accelerate_config "
+                                        f"{NO_LAUNCHER} (one process, no launcher).")
 
 
 def _headline(report: dict) -> str | None:
@@ -149,8 +147,9 @@ def _run_flat_ppo(args: argparse.Namespace) -> int:
         raise RecipeError("--set", "a flat MultiAdapterPPOConfig file takes no --set or --dry_run.",
                           "edit the YAML file, or use a sectioned recipe (docs/recipes.md).")
     config = args.config or args.recipe
-    if args.accelerate_config and not is_launched():
+    if args.accelerate_config not in (None, NO_LAUNCHER) and not is_launched():
         launch = read_accelerate_config(args.accelerate_config)
+        _check_launch_hardware(launch, "--accelerate_config")
         extra = ["--output_dir", args.output_dir] if args.output_dir else []
         return relaunch(launch, ["ppo", "--config", config, *extra])
     from .ppo_script import run_flat_ppo
