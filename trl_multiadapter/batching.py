@@ -19,6 +19,16 @@ def minibatch_orders(batch_size: int, ppo_epochs: int, device) -> torch.Tensor:
     return torch.stack([torch.randperm(batch_size) for _ in range(ppo_epochs)]).to(device)
 
 
+def group_minibatch_orders(batch_size: int, group_size: int, ppo_epochs: int, device) -> torch.Tensor:
+    """(ppo_epochs, B) orders that shuffle whole groups: rows [g*k, (g+1)*k) (one prompt's k samples) stay
+    consecutive, so a mini-batch of a multiple of k rows holds whole groups. k = 1 is minibatch_orders."""
+    if group_size == 1:
+        return minibatch_orders(batch_size, ppo_epochs, device)
+    groups = minibatch_orders(batch_size // group_size, ppo_epochs, device)  # (E, B / k)
+    within = torch.arange(group_size, device=groups.device)
+    return (groups[:, :, None] * group_size + within).reshape(ppo_epochs, batch_size)
+
+
 def forward_inputs(minibatch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + response ids and attention mask without the last response column: that token is never the
     input of a prediction PPO needs, so logits_to_keep=R gives exactly the R response predictions."""
@@ -70,14 +80,15 @@ class RolePasses:
         self.model, self.temperature, self.mini_batch_size = model, temperature, mini_batch_size
         self.keep_logits, self.autocast = keep_logits, autocast
 
-    def policy(self, minibatch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Policy logits (b, R, V), logprobs (b, R) and values (b, R); gradients follow the caller."""
+    def policy(self, minibatch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Policy logits (b, R, V), logprobs (b, R) and values (b, R), None without a value model; gradients
+        follow the caller."""
         prompt_length, response_length = minibatch.query_ids.shape[1], minibatch.response_ids.shape[1]
         input_ids, attention_mask = forward_inputs(minibatch)
         with self.autocast():
             logits, values = self.model.policy_forward(input_ids, attention_mask, logits_to_keep=response_length)
         logprobs = ppo_math.logprobs_from_logits(logits, minibatch.response_ids, self.temperature)
-        return logits, logprobs, values[:, prompt_length - 1 :].float()
+        return logits, logprobs, None if values is None else values[:, prompt_length - 1 :].float()
 
     def old_logprobs_and_values(self, rollout: Rollout, first_order: torch.Tensor, exact: bool) -> Rollout:
         """Fill what sampling did not capture; with ``exact`` recompute all of it with the training forward
@@ -86,11 +97,12 @@ class RolePasses:
             def policy(minibatch: TrainingBatch) -> dict[str, torch.Tensor]:
                 with torch.no_grad():
                     logits, logprobs, values = self.policy(minibatch)
-                return {"logprobs": logprobs, "values": values, **({"logits": logits} if self.keep_logits else {})}
+                return {"logprobs": logprobs, **({"values": values} if values is not None else {}),
+                        **({"logits": logits} if self.keep_logits else {})}
 
             outputs = per_minibatch(rollout, first_order, self.mini_batch_size, policy)
-            rollout.logprobs, rollout.values, rollout.logits = outputs["logprobs"], outputs["values"], outputs.get("logits")
-        elif rollout.values is None:  # value_model="critic": one batched no-grad critic pass
+            rollout.logprobs, rollout.values, rollout.logits = outputs["logprobs"], outputs.get("values"), outputs.get("logits")
+        elif rollout.values is None and self.model.value_model == "critic":  # one batched no-grad critic pass
             with torch.inference_mode(), self.autocast():
                 values = self.model.critic_values(rollout.input_ids[:, :-1], rollout.attention_mask[:, :-1])
             rollout.values = values[:, rollout.query_ids.shape[1] - 1 :].float().clone()

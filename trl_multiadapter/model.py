@@ -8,6 +8,7 @@ role        what runs
 policy      base + adapter ``policy`` -> LM head (logits) and, with ``value_model="head"``,
             a value head ``Linear(hidden, 1)`` on the same final hidden states
 critic      base + adapter ``critic`` -> its own value head (``value_model="critic"``)
+            (``value_model="none"``, for the critic-free advantage estimators: no value head, no critic)
 reward      base + adapter ``reward`` -> the reward adapter's sequence-classification score head
 reference   base with every adapter disabled (``reference="base"``), or base + the frozen
             adapter ``policy_init``, a copy of the starting policy (``reference="policy_init"``)
@@ -66,7 +67,7 @@ from .model_io import (
 )
 from .model_quant import KBIT_CPU_TRAINING_ERROR, is_kbit_model, kbit_weights_on_cpu
 from .ppo_math import last_token_indices
-from .roles import REFERENCE_MODES, VALUE_MODELS
+from .roles import NO_VALUE_MODEL, REFERENCE_MODES, VALUE_MODELS
 
 POLICY_ADAPTER = "policy"
 REWARD_ADAPTER = "reward"
@@ -146,7 +147,7 @@ class MultiAdapterModel(nn.Module):
         self,
         peft_model,
         *,
-        value_head: nn.Linear,
+        value_head: nn.Linear | None,
         reward_head: nn.Linear | None,
         reward_label_index: int | None,
         value_model: str,
@@ -218,7 +219,8 @@ class MultiAdapterModel(nn.Module):
         trainable = self._adapter_parameters(POLICY_ADAPTER)
         if self.value_model == "critic":
             trainable += self._adapter_parameters(CRITIC_ADAPTER)
-        trainable += list(self.value_head.parameters())
+        if self.value_head is not None:
+            trainable += list(self.value_head.parameters())
         return trainable
 
     def _collect_switch_parameters(self) -> tuple[nn.Parameter, ...]:
@@ -226,7 +228,8 @@ class MultiAdapterModel(nn.Module):
         parameters = []
         for adapter_name in self.peft_model.peft_config:
             parameters += self._adapter_parameters(adapter_name)
-        parameters += list(self.value_head.parameters())
+        if self.value_head is not None:
+            parameters += list(self.value_head.parameters())
         if self.reward_head is not None:
             parameters += list(self.reward_head.parameters())
         return tuple(parameters)
@@ -267,7 +270,8 @@ class MultiAdapterModel(nn.Module):
             policy_adapter: directory of a PEFT adapter to start the policy from (e.g. an SFT adapter).
             reward_adapter: directory of a PEFT SEQ_CLS adapter with its score head (RewardTrainer output).
             reward_label_index: None for a 1-label head; the column to read from a multi-label head.
-            value_model: "head" (value head on the policy's hidden states) or "critic" (own LoRA + head).
+            value_model: "head" (value head on the policy's hidden states), "critic" (own LoRA + head) or
+                "none" (no value model, for the critic-free advantage estimators; no head parameters exist).
             critic_init: None (fresh critic LoRA from ``critic_config`` or the policy's config) or
                 "reward" (critic LoRA and head start as copies of the reward adapter and its label column).
             reference: "base" (adapters disabled) or "policy_init" (frozen copy of ``policy_adapter``).
@@ -334,6 +338,8 @@ class MultiAdapterModel(nn.Module):
             if value_model == "critic" and critic_init == "reward":
                 peft_model.load_adapter(str(reward_adapter), adapter_name=CRITIC_ADAPTER, is_trainable=True)
                 value_head = _critic_head_from_reward(reward_head, reward_label_index)
+            elif value_model == NO_VALUE_MODEL:
+                value_head = None
             else:
                 if value_model == "critic":
                     config = critic_config if critic_config is not None else peft_model.peft_config[POLICY_ADAPTER]
@@ -366,10 +372,12 @@ class MultiAdapterModel(nn.Module):
             _load_frozen_adapter(peft_model, directory / POLICY_INIT_ADAPTER, POLICY_INIT_ADAPTER)
         if saved["value_model"] == "critic":
             peft_model.load_adapter(str(directory / CRITIC_ADAPTER), adapter_name=CRITIC_ADAPTER, is_trainable=True)
-        head_state = load_file(str(directory / VALUE_HEAD_FILE))
-        value_head = _linear_from_weights(
-            head_state["weight"], head_state.get("bias"), base.get_output_embeddings().weight.device
-        )
+        value_head = None
+        if saved["value_model"] != NO_VALUE_MODEL:
+            head_state = load_file(str(directory / VALUE_HEAD_FILE))
+            value_head = _linear_from_weights(
+                head_state["weight"], head_state.get("bias"), base.get_output_embeddings().weight.device
+            )
         return cls(
             peft_model,
             value_head=value_head,
@@ -411,7 +419,8 @@ class MultiAdapterModel(nn.Module):
         whether they recompute in backward; their dropout-bearing submodules stay in eval mode).
         """
         self.training = mode
-        self.value_head.train(mode)
+        if self.value_head is not None:
+            self.value_head.train(mode)
         if self.reward_head is not None:
             self.reward_head.eval()
         self.peft_model.eval()
@@ -491,7 +500,8 @@ class MultiAdapterModel(nn.Module):
         return f"unknown role {name!r}; choose one of {list(self._role_adapters)}"
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Policy LoRA + value head, and with value_model='critic' the critic LoRA (its head is the value head)."""
+        """Policy LoRA + value head, and with value_model='critic' the critic LoRA (its head is the value head);
+        with value_model='none' the policy LoRA alone."""
         return list(self._trainable)
 
     # ---------------------------------------------------------------- forwards
@@ -521,15 +531,18 @@ class MultiAdapterModel(nn.Module):
         hidden state of each step gets the same values without a second forward.
         """
         head = self.value_head
+        if head is None:
+            raise ValueError("this model has no value model (value_model='none'); build it with 'head' or 'critic'")
         return head(hidden.to(device=head.weight.device, dtype=head.weight.dtype)).squeeze(-1).float()
 
     def policy_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Policy logits and values with gradients: ``([B, T', V] float32, [B, T] float32)``.
 
         ``T' = T``, or the last ``logits_to_keep`` positions. Values cover every position; with
-        ``value_model="critic"`` they come from a second forward in the critic role.
+        ``value_model="critic"`` they come from a second forward in the critic role; with
+        ``value_model="none"`` they are None.
         """
         attention_mask = _check_inputs(input_ids, attention_mask)
         with self._adapters_of("policy"):
@@ -537,6 +550,8 @@ class MultiAdapterModel(nn.Module):
             logits = self._lm_logits(hidden, logits_to_keep)
             if self.value_model == "head":
                 return logits, self.values_from_hidden(hidden)
+            if self.value_model == NO_VALUE_MODEL:
+                return logits, None
         return logits, self.critic_values(input_ids, attention_mask)
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep=None):
@@ -580,7 +595,8 @@ class MultiAdapterModel(nn.Module):
         Layout: ``policy/`` (standard PEFT adapter, loadable with ``PeftModel.from_pretrained(base, dir/policy)``),
         ``reward/`` (PEFT SEQ_CLS adapter with its score head, as RewardTrainer writes it),
         ``critic/`` and ``policy_init/`` when present, ``value_head.safetensors`` (the head producing
-        values: on the policy, or the critic's), and ``multiadapter.json`` describing the roles.
+        values: on the policy, or the critic's; absent with value_model='none'), and ``multiadapter.json``
+        describing the roles.
         """
         from safetensors.torch import save_file
 
@@ -592,8 +608,9 @@ class MultiAdapterModel(nn.Module):
         if self.reward_head is not None:
             self.peft_model.save_pretrained(str(directory), selected_adapters=[REWARD_ADAPTER])
             add_score_head(directory / REWARD_ADAPTER, self.reward_head)
-        head_state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.value_head.state_dict().items()}
-        save_file(head_state, str(directory / VALUE_HEAD_FILE), metadata={"format": "pt"})
+        if self.value_head is not None:
+            head_state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.value_head.state_dict().items()}
+            save_file(head_state, str(directory / VALUE_HEAD_FILE), metadata={"format": "pt"})
         roles = {
             "format_version": SAVE_FORMAT_VERSION,
             "value_model": self.value_model,
@@ -636,7 +653,7 @@ def _validate_adapter_arguments(
             "reference='policy_init' is a frozen copy of the starting policy adapter: pass policy_adapter=<dir>, "
             "or use reference='base'"
         )
-    if value_model == "head" and (critic_init is not None or critic_config is not None):
+    if value_model != "critic" and (critic_init is not None or critic_config is not None):
         raise ValueError("critic_init/critic_config apply to value_model='critic' only")
     if critic_init == "reward" and reward_adapter is None:
         raise ValueError("critic_init='reward' needs reward_adapter=<dir>")

@@ -16,11 +16,17 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .roles import REFERENCE_MODES, VALUE_MODELS
+from .roles import NO_VALUE_MODEL, REFERENCE_MODES, VALUE_MODELS
 
 # Accepted by ppo_math.kl_penalty (aliases included); kept here so the config needs no torch import.
 KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "full")
 ROLLOUT_LOGPROB_SOURCES = ("generation", "forward")
+# ppo_math.ADVANTAGE_ESTIMATORS / CRITIC_FREE_ESTIMATORS, kept here for the same reason.
+ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
+CRITIC_FREE_ESTIMATORS = ("rloo", "grpo", "reinforce_pp")
+GROUP_ESTIMATORS = ("rloo", "grpo")  # their baseline comes from the other samples of the same prompt
+DEFAULT_GROUP_SIZE = 4  # num_generations of rloo/grpo when left unset
+KL_PLACEMENTS = ("reward", "loss")
 
 
 @dataclass
@@ -54,12 +60,25 @@ class MultiAdapterPPOConfig(TrainingArguments):
     batch_size: int = field(
         default=8,
         metadata={
-            "help": "Prompts sampled per PPO iteration on each process. Must be a multiple of "
+            "help": "Completions (rollout rows) per PPO iteration on each process: batch_size / num_generations "
+            "distinct prompts, each sampled num_generations times. Must be a multiple of "
             "mini_batch_size * gradient_accumulation_steps."
         },
     )
     mini_batch_size: int = field(
-        default=1, metadata={"help": "Rollouts per forward/backward pass during optimisation, on each process."}
+        default=1,
+        metadata={
+            "help": "Rollouts per forward/backward pass during optimisation, on each process. A multiple of "
+            "num_generations: a mini-batch holds whole prompt groups."
+        },
+    )
+    num_generations: int | None = field(
+        default=None,
+        metadata={
+            "help": "k, the completions sampled per prompt; a prompt's k rows are consecutive in the batch and "
+            "stay together in every mini-batch. At least 2 for rloo/grpo (their baseline is the other samples "
+            f"of the prompt). None: {DEFAULT_GROUP_SIZE} for rloo/grpo, 1 for gae/reinforce_pp."
+        },
     )
     ppo_epochs: int = field(default=4, metadata={"help": "Optimisation passes over each batch of rollouts."})
 
@@ -81,6 +100,34 @@ class MultiAdapterPPOConfig(TrainingArguments):
     )
 
     # ---- advantages and losses ------------------------------------------------------------------------
+    advantage_estimator: str = field(
+        default="gae",
+        metadata={
+            "help": "How advantages are estimated. 'gae': GAE with the value model, whitened over the batch "
+            "(PPO). Critic-free (no value head or critic is built, saved or trained; no value loss): 'rloo': "
+            "A_i = R_i - mean of the other k-1 returns of the prompt; 'grpo': A_i = (R_i - mean_g) / (std_g + "
+            "1e-4) over the prompt's k returns (without the division when grpo_scale_rewards is False); "
+            "'reinforce_pp': REINFORCE++, per-token returns G_t whitened over the batch. R_i is the score plus "
+            "the summed per-token KL reward (kl_placement='reward'); every token of a response gets A_i."
+        },
+    )
+    grpo_scale_rewards: bool = field(
+        default=True,
+        metadata={
+            "help": "grpo: divide by the group's standard deviation (GRPO); False only centres on the group "
+            "mean (Dr. GRPO)."
+        },
+    )
+    kl_placement: str = field(
+        default="reward",
+        metadata={
+            "help": "Where the KL to the reference acts. 'reward' (PPO): every token's reward gets -beta * KL_t "
+            "(KL_t by kl_estimator), the score is added at the last token. 'loss' (GRPO): rewards are the scores "
+            "alone and the loss adds beta * mean_t[pi_ref/pi - log(pi_ref/pi) - 1] (the k3 estimator, with "
+            "gradients, over the loss tokens). beta is the KL controller's coefficient (init_kl_coef, adapted "
+            "when adap_kl_ctrl)."
+        },
+    )
     gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
     lam: float = field(default=0.95, metadata={"help": "Lambda of GAE."})
     cliprange: float = field(default=0.2, metadata={"help": "Clip range of the probability ratio (policy loss)."})
@@ -155,8 +202,9 @@ class MultiAdapterPPOConfig(TrainingArguments):
     value_model: str | None = field(
         default=None,
         metadata={
-            "help": "'head': value head on the policy's hidden states; 'critic': separate LoRA critic adapter. "
-            "None: the given MultiAdapterModel's choice, or 'head' when loading by id."
+            "help": "'head': value head on the policy's hidden states; 'critic': separate LoRA critic adapter; "
+            "'none': no value model (the critic-free estimators). None: 'none' with a critic-free "
+            "advantage_estimator, else the given MultiAdapterModel's choice, or 'head' when loading by id."
         },
     )
     reference: str | None = field(
@@ -184,6 +232,7 @@ class MultiAdapterPPOConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        self._resolve_estimator_defaults()
         self._validate_ppo_fields()
         if self.fp16:
             # PPO's backward and optimizer step run outside accelerate's GradScaler, so fp16 gradients could
@@ -198,6 +247,54 @@ class MultiAdapterPPOConfig(TrainingArguments):
     def backward_batch_size(self) -> int:
         """Rollouts per optimizer step on one process (TRL 0.11's name)."""
         return self.mini_batch_size * self.gradient_accumulation_steps
+
+    @property
+    def critic_free(self) -> bool:
+        """True when the advantage estimator needs no value model (rloo, grpo, reinforce_pp)."""
+        return self.advantage_estimator in CRITIC_FREE_ESTIMATORS
+
+    @property
+    def prompts_per_batch(self) -> int:
+        """Distinct prompts per PPO iteration on one process (batch_size counts completions)."""
+        return self.batch_size // self.num_generations
+
+    def _resolve_estimator_defaults(self) -> None:
+        _require_choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        if self.num_generations is None:
+            self.num_generations = DEFAULT_GROUP_SIZE if self.advantage_estimator in GROUP_ESTIMATORS else 1
+        if self.critic_free and self.value_model is None:
+            self.value_model = NO_VALUE_MODEL
+
+    def _validate_estimator_fields(self) -> None:
+        k, estimator = self.num_generations, self.advantage_estimator
+        _require(k >= 1, "num_generations", k, "sample at least 1 completion per prompt")
+        if estimator in GROUP_ESTIMATORS and k < 2:
+            raise ValueError(
+                f"`num_generations` = {k} is invalid with advantage_estimator={estimator!r}: its baseline is the "
+                f"other samples of the same prompt, so set num_generations to 2 or more (e.g. {DEFAULT_GROUP_SIZE}), "
+                "or use advantage_estimator='gae' or 'reinforce_pp'."
+            )
+        if self.batch_size % k:
+            raise ValueError(
+                f"`batch_size` ({self.batch_size}) must be a multiple of `num_generations` ({k}): batch_size counts "
+                f"completions, k per prompt; use batch_size {_nearest_multiples(self.batch_size, k)}."
+            )
+        if self.mini_batch_size % k:
+            raise ValueError(
+                f"`mini_batch_size` ({self.mini_batch_size}) must be a multiple of `num_generations` ({k}): a "
+                f"mini-batch holds whole prompt groups; use mini_batch_size {_nearest_multiples(self.mini_batch_size, k)}."
+            )
+        if self.critic_free and self.value_model != NO_VALUE_MODEL:
+            raise ValueError(
+                f"`value_model` = {self.value_model!r} is invalid with advantage_estimator={estimator!r}, which "
+                "trains no value model: leave value_model unset (None) or set it to 'none'."
+            )
+        if not self.critic_free and self.value_model == NO_VALUE_MODEL:
+            raise ValueError(
+                f"`value_model` = 'none' is invalid with advantage_estimator={estimator!r}: GAE needs values; use "
+                f"'head' or 'critic', or a critic-free estimator ({', '.join(CRITIC_FREE_ESTIMATORS)})."
+            )
+        _require_choice("kl_placement", self.kl_placement, KL_PLACEMENTS)
 
     def _validate_ppo_fields(self) -> None:
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "use a positive number of prompts")
@@ -215,6 +312,7 @@ class MultiAdapterPPOConfig(TrainingArguments):
                 f"{self.backward_batch_size}), per process: change batch_size to a multiple of "
                 f"{self.backward_batch_size} or lower mini_batch_size/gradient_accumulation_steps."
             )
+        self._validate_estimator_fields()
         _require(self.ppo_epochs >= 1, "ppo_epochs", self.ppo_epochs, "use at least 1")
         _require_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _require_choice("rollout_logprobs", self.rollout_logprobs, ROLLOUT_LOGPROB_SOURCES)
@@ -247,7 +345,7 @@ class MultiAdapterPPOConfig(TrainingArguments):
             raise ValueError(
                 "`missing_eos_penalty` needs a stop token: set `stop_token` ('eos' or a token string) or drop the penalty."
             )
-        if self.critic_init is not None and self.value_model == "head":
+        if self.critic_init is not None and self.value_model in ("head", NO_VALUE_MODEL):
             raise ValueError("`critic_init` only applies with `value_model='critic'`.")
         if self.reward_weights is not None and any(math.isnan(w) for w in self.reward_weights):
             raise ValueError("`reward_weights` contains NaN.")
@@ -256,6 +354,11 @@ class MultiAdapterPPOConfig(TrainingArguments):
 def _require(condition: bool, name: str, value, fix: str) -> None:
     if not condition:
         raise ValueError(f"`{name}` = {value!r} is invalid: {fix}.")
+
+
+def _nearest_multiples(value: int, factor: int) -> str:
+    lower = value - value % factor
+    return " or ".join(str(n) for n in (lower, lower + factor) if n >= 1)
 
 
 def _require_choice(name: str, value, choices: tuple[str, ...], optional: bool = False) -> None:

@@ -42,16 +42,19 @@ def nonfinite_rows(tensor: torch.Tensor, mask: torch.Tensor | None = None) -> li
 
 @dataclass
 class MinibatchResult:
-    """Loss and diagnostics of one mini-batch (scalars; ``loss`` keeps its graph)."""
+    """Loss and diagnostics of one mini-batch (scalars; ``loss`` keeps its graph). The value terms are None
+    without a value model, the KL terms None unless the KL to the reference is in the loss."""
 
     loss: torch.Tensor
     policy_loss: torch.Tensor
-    value_loss: torch.Tensor
+    value_loss: torch.Tensor | None
     policy_clipfrac: torch.Tensor
-    value_clipfrac: torch.Tensor
+    value_clipfrac: torch.Tensor | None
     approxkl: torch.Tensor
     entropy: torch.Tensor
     ratio: torch.Tensor
+    kl_loss: torch.Tensor | None = None  # beta * k3 KL, the term added to the loss
+    kl: torch.Tensor | None = None  # the masked mean k3 KL of the mini-batch
 
 
 class OptimisationRecord:
@@ -64,8 +67,9 @@ class OptimisationRecord:
 
     def add_minibatch(self, result: MinibatchResult) -> None:
         for f in fields(MinibatchResult):
-            if f.name != "loss":
-                self.values[f.name].append(getattr(result, f.name).item())
+            value = getattr(result, f.name)
+            if f.name != "loss" and value is not None:
+                self.values[f.name].append(value.item())
 
     def add_step(self, grad_norm: float | None) -> None:
         if grad_norm is not None:
@@ -73,12 +77,16 @@ class OptimisationRecord:
 
     def stats(self) -> dict[str, float]:
         values = self.values
+        value_stats = {} if "value_loss" not in values else {
+            "loss/value_avg": mean(values["value_loss"]), "val/clipfrac_avg": mean(values["value_clipfrac"])}
+        kl_stats = {} if "kl_loss" not in values else {
+            "loss/kl_avg": mean(values["kl_loss"]), "policy/kl_k3_avg": mean(values["kl"])}
         return {
             "policy/approxkl_avg": mean(values["approxkl"]),
             "policy/clipfrac_avg": mean(values["policy_clipfrac"]),
             "loss/policy_avg": mean(values["policy_loss"]),
-            "loss/value_avg": mean(values["value_loss"]),
-            "val/clipfrac_avg": mean(values["value_clipfrac"]),
+            **value_stats,
+            **kl_stats,
             "policy/entropy_avg": mean(values["entropy"]),
             "val/ratio": mean(values["ratio"]),
             "val/ratio_var": float(torch.tensor(values["ratio"], dtype=torch.float64).var(unbiased=False)),

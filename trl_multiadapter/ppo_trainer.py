@@ -2,11 +2,14 @@
 
 One iteration (``trainer.step`` or a ``train()`` step)::
 
-    rollout = sampler(...)               policy adapter, KV cache; old logprobs + values captured
+    rollout = sampler(...)               policy adapter, KV cache; old logprobs + values captured;
+                                         batch_size rows = batch_size / k prompts, each sampled k times
     scores  = reward_source(rollout)     reward adapter (training format) or reward functions
     ref     = reference logprobs         adapters disabled (or policy_init), one no-grad pass
-    rewards = -beta * KL_t (+ score at the last token);  GAE;  whitened advantages
-    ppo_epochs x mini-batches: clipped policy + value loss, backward, clip, optimizer step
+    rewards = -beta * KL_t (+ score at the last token), or the score alone with the KL in the loss
+    advantages = ppo_math.compute_advantages(advantage_estimator): GAE (whitened), RLOO, GRPO, REINFORCE++
+    ppo_epochs x mini-batches of whole prompt groups: clipped policy loss (+ value loss with a value model,
+    + beta * k3 KL with the KL in the loss), backward, clip, optimizer step
 
 The trainer orchestrates; the math lives in ``ppo_math`` and ``kl_control``, scoring in ``scoring``,
 collectives in ``distributed``, resume state in ``checkpointing``, metrics in ``ppo_metrics``.
@@ -33,7 +36,7 @@ from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
 from . import distributed, ppo_math
-from .batching import RolePasses, at_temperature, minibatch_orders
+from .batching import RolePasses, at_temperature, group_minibatch_orders
 from .builder import build_model, load_tokenizer
 from .checkpointing import ResumeState, resolve_checkpoint, save_checkpoint
 from .devices import isolated_rng
@@ -181,7 +184,8 @@ class MultiAdapterPPOTrainer(Trainer):
             self.state.global_step += 1
             self.state.epoch = self.state.global_step / self._prompt_order.batches_per_epoch
             self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
-            self._losses.append(stats["loss/policy_avg"] + self.args.vf_coef * stats["loss/value_avg"])
+            self._losses.append(stats["loss/policy_avg"] + self.args.vf_coef * stats.get("loss/value_avg", 0.0)
+                                + stats.get("loss/kl_avg", 0.0))
             self._log_save_evaluate(stats)
         self.is_in_train = False
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
@@ -198,7 +202,8 @@ class MultiAdapterPPOTrainer(Trainer):
     ) -> dict[str, float]:
         """One PPO iteration on ``args.batch_size`` given prompts (and responses), for manual loops.
 
-        query_tensors: 1-D prompt token tensors (no padding). response_tensors: the generated tokens of
+        query_tensors: 1-D prompt token tensors (no padding); with ``num_generations`` k > 1, rows
+        [g*k, (g+1)*k) are the k samples of one prompt (repeat each prompt k times, consecutively). response_tensors: the generated tokens of
         each prompt (as TRL 0.11 took them); their old logprobs and values then come from one no-grad
         forward. With ``response_tensors=None`` the trainer samples the responses itself and keeps the
         logprobs and values of sampling (the fast path ``train()`` uses). scores: one scalar per
@@ -212,6 +217,7 @@ class MultiAdapterPPOTrainer(Trainer):
                 f"step() got {len(query_tensors)} queries but args.batch_size is {self.args.batch_size} (per "
                 "process); pass exactly batch_size queries or change batch_size"
             )
+        self._check_prompt_groups(query_tensors)
         if response_tensors is None:
             if response_masks is not None:
                 raise ValueError("response_masks apply to given response_tensors only")
@@ -291,7 +297,8 @@ class MultiAdapterPPOTrainer(Trainer):
 
     def _train_iteration(self) -> dict[str, float]:
         start = time.perf_counter()
-        columns = select_columns(self.train_dataset, self._prompt_order.next_batch())
+        k = self.args.num_generations  # each prompt k times, consecutively: rows [g*k, (g+1)*k) are one group
+        columns = select_columns(self.train_dataset, [row for row in self._prompt_order.next_batch() for _ in range(k)])
         with self.timings.measure("time/rollout/generation"):
             rollout = self._generate(*left_pad(encode_prompts(self.processing_class, columns), self.pad_token_id,
                                                self.device))
@@ -303,7 +310,7 @@ class MultiAdapterPPOTrainer(Trainer):
         """Everything after sampling and scoring: rewards, advantages, optimisation, KL controller."""
         args = self.args
         self._check_finite(scores=scores[:, None])
-        orders = minibatch_orders(rollout.batch_size, args.ppo_epochs, self.device)
+        orders = group_minibatch_orders(rollout.batch_size, args.num_generations, args.ppo_epochs, self.device)
         # Old logprobs from the training forward (exact mode, or responses sampled outside): the reference
         # then runs on the same mini-batches, so a policy equal to its reference has a KL of exactly 0.
         exact = args.rollout_logprobs == "forward" or rollout.logprobs is None
@@ -318,15 +325,17 @@ class MultiAdapterPPOTrainer(Trainer):
                                  logits=at_temperature(rollout.logits, args.temperature),
                                  ref_logits=at_temperature(ref_logits, args.temperature))
         kl_coef = self.kl_ctl.value
-        rewards, non_score_rewards = ppo_math.per_token_rewards(self._shape_scores(scores), kl, kl_coef, mask)
+        kl_in_loss = args.kl_placement == "loss"
+        rewards, non_score_rewards = ppo_math.per_token_rewards(self._shape_scores(scores), kl,
+                                                                0.0 if kl_in_loss else kl_coef, mask)
         if args.whiten_rewards:
             rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = ppo_math.compute_gae(rewards, rollout.values, mask, args.gamma, args.lam)
-        advantages = ppo_math.masked_whiten(advantages, mask)
+        advantages, returns = self._advantages(rewards, rollout.values, mask)
         batch = TrainingBatch(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
-                              rollout.logprobs, rollout.values, advantages, returns, loss_mask=mask)
+                              rollout.logprobs, rollout.values, advantages, returns, loss_mask=mask,
+                              ref_logprobs=ref_logprobs if kl_in_loss else None)
         with self.timings.measure("time/optimisation"):
-            train_stats = self._optimise(batch, orders)
+            train_stats = self._optimise(batch, orders, kl_coef)
         stats = distributed.mean_across_processes(
             {**rollout_stats(rollout, scores, kl, non_score_rewards, kl_coef), **train_stats}, self.device)
         self.kl_ctl.update(stats["objective/kl"], args.batch_size * self.num_processes)
@@ -339,6 +348,18 @@ class MultiAdapterPPOTrainer(Trainer):
         stats["eps"] = args.batch_size * self.num_processes / max(self.timings["time/iteration"], 1e-9)
         self.timings.clear()
         return stats
+
+    def _advantages(self, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor):
+        """Advantages (B, R) and value targets (B, R), None for the critic-free estimators. GAE's are
+        whitened over the batch (PPO); RLOO and GRPO keep their group baselines' scale, REINFORCE++ whitens
+        its own returns."""
+        args = self.args
+        advantages, returns = ppo_math.compute_advantages(
+            args.advantage_estimator, rewards, mask, values, k=args.num_generations, gamma=args.gamma, lam=args.lam,
+            scale_by_std=args.grpo_scale_rewards)
+        if args.advantage_estimator == "gae":
+            advantages = ppo_math.masked_whiten(advantages, mask)
+        return advantages, returns
 
     def _sampling_settings(self, for_training: bool = True, **overrides) -> SamplingSettings:
         args = self.args
@@ -375,7 +396,7 @@ class MultiAdapterPPOTrainer(Trainer):
             scores = ppo_math.clip_scores(scores, args.score_clip)
         return scores
 
-    def _optimise(self, batch: TrainingBatch, orders: torch.Tensor) -> dict[str, float]:
+    def _optimise(self, batch: TrainingBatch, orders: torch.Tensor, kl_coef: float) -> dict[str, float]:
         """ppo_epochs passes over the batch; an optimizer step every backward_batch_size rollouts."""
         args = self.args
         record = OptimisationRecord()
@@ -385,7 +406,7 @@ class MultiAdapterPPOTrainer(Trainer):
                 for start in range(group_start, group_start + args.backward_batch_size, args.mini_batch_size):
                     minibatch = batch.select(epoch_order[start : start + args.mini_batch_size]).trimmed()
                     with self.timings.measure("time/optimisation/forward"):
-                        result = self._minibatch_loss(minibatch)
+                        result = self._minibatch_loss(minibatch, kl_coef)
                     record.add_minibatch(result)
                     if result.ratio.item() > args.ratio_threshold:
                         record.skipped += 1  # TRL 0.11's ratio_threshold: no gradient from this mini-batch
@@ -397,23 +418,32 @@ class MultiAdapterPPOTrainer(Trainer):
                     record.add_step(self._optimizer_step(contributed))
         return record.stats()
 
-    def _minibatch_loss(self, minibatch: TrainingBatch) -> MinibatchResult:
+    def _minibatch_loss(self, minibatch: TrainingBatch, kl_coef: float) -> MinibatchResult:
+        """Clipped policy loss, + vf_coef * value loss with a value model, + beta * k3 KL with the KL in the loss."""
         args = self.args
         mask = minibatch.loss_mask
         logits, logprobs, values = self.passes.policy(minibatch)
         self._check_finite(logprobs=logprobs, values=values, mask=mask)
         policy_loss, policy_clipfrac, approxkl = ppo_math.policy_loss(
             logprobs, minibatch.old_logprobs, minibatch.advantages, mask, args.cliprange)
-        value_loss, value_clipfrac = ppo_math.value_loss(
-            values, minibatch.old_values, minibatch.returns, mask, args.cliprange_value)
-        loss = policy_loss + args.vf_coef * value_loss
+        loss = policy_loss
+        value_loss = value_clipfrac = kl_loss = kl = None
+        if minibatch.returns is not None:
+            value_loss, value_clipfrac = ppo_math.value_loss(
+                values, minibatch.old_values, minibatch.returns, mask, args.cliprange_value)
+            loss = loss + args.vf_coef * value_loss
+            value_loss = value_loss.detach()
+        if minibatch.ref_logprobs is not None:
+            kl_loss, kl = ppo_math.kl_loss(logprobs, minibatch.ref_logprobs, mask, kl_coef)
+            loss = loss + kl_loss
+            kl_loss = kl_loss.detach()
         self._check_finite(loss=loss.reshape(1, 1))
         with torch.no_grad():
             ratio = ppo_math.masked_mean(torch.exp(logprobs - minibatch.old_logprobs), mask)
             entropy = ppo_math.masked_mean(
                 ppo_math.entropy_from_logits(at_temperature(logits.detach(), args.temperature)), mask)
-        return MinibatchResult(loss, policy_loss.detach(), value_loss.detach(), policy_clipfrac, value_clipfrac,
-                               approxkl, entropy, ratio)
+        return MinibatchResult(loss, policy_loss.detach(), value_loss, policy_clipfrac, value_clipfrac,
+                               approxkl, entropy, ratio, kl_loss, kl)
 
     def _optimizer_step(self, contributed: int) -> float | None:
         """Average the accumulated gradients over every contributing mini-batch of every process, clip,
@@ -438,7 +468,8 @@ class MultiAdapterPPOTrainer(Trainer):
 
     def _new_prompt_order(self) -> PromptSampler:
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return PromptSampler(len(self.train_dataset), self.args.batch_size, seed, self.process_index, self.num_processes)
+        return PromptSampler(len(self.train_dataset), self.args.prompts_per_batch, seed, self.process_index,
+                             self.num_processes)
 
     def _planned_iterations(self) -> int | None:
         if self.args.max_steps > 0:
@@ -447,6 +478,18 @@ class MultiAdapterPPOTrainer(Trainer):
             return None
         order = self._prompt_order or self._new_prompt_order()
         return max(1, math.ceil(self.args.num_train_epochs * order.batches_per_epoch))
+
+    def _check_prompt_groups(self, query_tensors: Sequence[torch.Tensor]) -> None:
+        """With k > 1 samples per prompt, the k consecutive rows of a group must share their prompt."""
+        k = self.args.num_generations
+        for start in range(0, len(query_tensors), k):
+            first = torch.as_tensor(query_tensors[start]).flatten()
+            for row in range(start + 1, start + k):
+                if not torch.equal(torch.as_tensor(query_tensors[row]).flatten().to(first.device), first):
+                    raise ValueError(
+                        f"step(): rows {start}..{start + k - 1} are one prompt's num_generations={k} samples, but "
+                        f"query {row} differs from query {start}; repeat each prompt {k} times consecutively"
+                    )
 
     # ------------------------------------------------------------------------------------------------
     # checks, timing, logging, checkpoints

@@ -118,10 +118,11 @@ class TrainingBatch:
     response_ids: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # (B, R)
     old_logprobs: torch.Tensor  # (B, R)
-    old_values: torch.Tensor  # (B, R)
+    old_values: torch.Tensor | None  # (B, R); None without a value model (critic-free estimators)
     advantages: torch.Tensor  # (B, R)
-    returns: torch.Tensor  # (B, R)
+    returns: torch.Tensor | None  # (B, R) value targets; None without a value model
     loss_mask: torch.Tensor | None = None  # (B, R) positions that train; default: response_mask
+    ref_logprobs: torch.Tensor | None = None  # (B, R) reference logprobs, for the KL in the loss
 
     def __post_init__(self) -> None:
         if self.loss_mask is None:
@@ -146,6 +147,8 @@ class TrainingBatch:
         trimmed = {}
         for field in fields(self):
             value = getattr(self, field.name)
+            if value is None:
+                continue
             if field.name.startswith("query"):
                 trimmed[field.name] = value[:, first_query_column:]
             else:
