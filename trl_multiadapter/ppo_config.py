@@ -33,10 +33,12 @@ KL_PLACEMENTS = ("reward", "loss")
 class MultiAdapterPPOConfig(TrainingArguments):
     """Configuration of :class:`~trl_multiadapter.MultiAdapterPPOTrainer`.
 
-    One PPO iteration (one ``max_steps`` unit) samples ``batch_size`` prompts per process, generates,
-    scores, then runs ``ppo_epochs`` passes over the batch in mini-batches of ``mini_batch_size``, taking
-    an optimizer step every ``gradient_accumulation_steps`` mini-batches (TRL 0.11 semantics). Each
-    field's ``help`` is its documentation.
+    One PPO iteration (one ``max_steps`` unit) samples ``batch_size`` completions per process
+    (``batch_size / num_generations`` prompts, ``num_generations`` completions each), scores them, then runs
+    ``ppo_epochs`` passes over the batch in mini-batches of ``mini_batch_size``, taking an optimizer step
+    every ``gradient_accumulation_steps`` mini-batches (TRL 0.11 semantics). ``advantage_estimator`` picks
+    GAE (with a value model) or a critic-free estimator (RLOO, GRPO, REINFORCE++; see
+    docs/advantage_estimators.md). Each field's ``help`` is its documentation.
     """
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]

@@ -57,6 +57,8 @@ def export_stage(context: StageContext) -> StageResult:
             metrics["hub_url"] = push_policy(context.stage_dir / POLICY_DIR, recipe.export.hub_model_id,
                                              recipe.export.hub_private)
     context.wait_for_everyone()
+    if not (context.stage_dir / "value_head.safetensors").is_file():
+        del artifacts["value_head"]  # a critic-free advantage estimator trains no value model
     return StageResult(metrics=metrics, artifacts=artifacts)
 
 
