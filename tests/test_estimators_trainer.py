@@ -349,7 +349,7 @@ def test_config_defaults_follow_the_estimator():
 @pytest.mark.parametrize("overrides, names", [
     (dict(advantage_estimator="rloo", num_generations=1), "`num_generations` = 1"),
     (dict(advantage_estimator="grpo", num_generations=3, batch_size=8, mini_batch_size=3), "`batch_size` (8)"),
-    (dict(advantage_estimator="grpo", num_generations=4, batch_size=8, mini_batch_size=2), "`mini_batch_size` (2)"),
+    (dict(advantage_estimator="grpo", num_generations=4, batch_size=24, mini_batch_size=6), "`mini_batch_size` (6)"),
     (dict(advantage_estimator="rloo", num_generations=2, mini_batch_size=2, value_model="head"), "`value_model` = 'head'"),
     (dict(value_model="none"), "`value_model` = 'none'"),
     (dict(advantage_estimator="ppo"), "'gae', 'rloo', 'grpo', 'reinforce_pp'"),
@@ -366,6 +366,9 @@ def test_recipe_override_selects_a_critic_free_estimator():
     config = recipe.build_ppo_config(loaded.ppo, output_dir="unused", use_cpu=True)
     assert (config.advantage_estimator, config.num_generations, config.value_model) == ("rloo", 4, "none")
     assert config.prompts_per_batch == config.batch_size // 4
+    # hh_squad's mini-batch of 1 divides k = 4: a group spans four mini-batches of one optimizer step
+    hh = recipe.load("hh_squad", ["ppo.advantage_estimator=grpo"], output_dir="unused")
+    assert recipe.build_ppo_config(hh.ppo, output_dir="unused", use_cpu=True).num_generations == 4
     for override, key in (("ppo.num_generations=3", "ppo.batch_size"), ("ppo.num_generations=1", "ppo.num_generations"),
                           ("ppo.kl_placement=nowhere", "ppo.kl_placement")):
         with pytest.raises(RecipeError) as caught:

@@ -70,8 +70,8 @@ class MultiAdapterPPOConfig(TrainingArguments):
     mini_batch_size: int = field(
         default=1,
         metadata={
-            "help": "Rollouts per forward/backward pass during optimisation, on each process. A multiple of "
-            "num_generations: a mini-batch holds whole prompt groups."
+            "help": "Rollouts per forward/backward pass during optimisation, on each process. A multiple or a "
+            "divisor of num_generations: a mini-batch holds whole prompt groups, or one part of a single group."
         },
     )
     num_generations: int | None = field(
@@ -281,10 +281,11 @@ class MultiAdapterPPOConfig(TrainingArguments):
                 f"`batch_size` ({self.batch_size}) must be a multiple of `num_generations` ({k}): batch_size counts "
                 f"completions, k per prompt; use batch_size {_nearest_multiples(self.batch_size, k)}."
             )
-        if self.mini_batch_size % k:
+        if self.mini_batch_size % k and k % self.mini_batch_size:
             raise ValueError(
-                f"`mini_batch_size` ({self.mini_batch_size}) must be a multiple of `num_generations` ({k}): a "
-                f"mini-batch holds whole prompt groups; use mini_batch_size {_nearest_multiples(self.mini_batch_size, k)}."
+                f"`mini_batch_size` ({self.mini_batch_size}) must be a multiple or a divisor of `num_generations` "
+                f"({k}): a mini-batch holds whole prompt groups or a part of one; use mini_batch_size "
+                f"{_nearest_multiples(self.mini_batch_size, k)}, or a divisor of {k}."
             )
         if self.critic_free and self.value_model != NO_VALUE_MODEL:
             raise ValueError(
