@@ -203,9 +203,9 @@ class MultiAdapterPPOTrainer(Trainer):
         """One PPO iteration on ``args.batch_size`` given prompts (and responses), for manual loops.
 
         query_tensors: 1-D prompt token tensors (no padding); with ``num_generations`` k > 1, rows
-        [g*k, (g+1)*k) are the k samples of one prompt (repeat each prompt k times, consecutively). response_tensors: the generated tokens of
-        each prompt (as TRL 0.11 took them); their old logprobs and values then come from one no-grad
-        forward. With ``response_tensors=None`` the trainer samples the responses itself and keeps the
+        [g*k, (g+1)*k) are the k samples of one prompt (repeat each prompt k times, consecutively).
+        response_tensors: the generated tokens of each prompt (as TRL 0.11 took them); their old logprobs
+        and values then come from one no-grad forward. With ``response_tensors=None`` the trainer samples the responses itself and keeps the
         logprobs and values of sampling (the fast path ``train()`` uses). scores: one scalar per
         response; None scores them with the reward source. response_masks: optional 1-D 0/1 tensors
         marking the response tokens that train (every token stays in the sequence the model sees).
@@ -298,7 +298,8 @@ class MultiAdapterPPOTrainer(Trainer):
     def _train_iteration(self) -> dict[str, float]:
         start = time.perf_counter()
         k = self.args.num_generations  # each prompt k times, consecutively: rows [g*k, (g+1)*k) are one group
-        columns = select_columns(self.train_dataset, [row for row in self._prompt_order.next_batch() for _ in range(k)])
+        rows = [row for row in self._prompt_order.next_batch() for _ in range(k)]
+        columns = select_columns(self.train_dataset, rows)
         with self.timings.measure("time/rollout/generation"):
             rollout = self._generate(*left_pad(encode_prompts(self.processing_class, columns), self.pad_token_id,
                                                self.device))
