@@ -164,7 +164,8 @@ def test_advantages_equal_a_plain_loop_over_scores_and_kl(tmp_path, tiny_tokeniz
     trainer = MultiAdapterPPOTrainer(
         no_value_model(random_init=True), processing_class=tiny_tokenizer,
         args=make_config(tmp_path, advantage_estimator=estimator, num_generations=k, batch_size=k * groups,
-                         mini_batch_size=k, ppo_epochs=2, init_kl_coef=BETA, adap_kl_ctrl=False, learning_rate=1e-3))
+                         mini_batch_size=k, ppo_epochs=2, init_kl_coef=BETA, adap_kl_ctrl=False, learning_rate=1e-3,
+                         kl_placement="reward"))
     recorder = trainer.passes = RecordingPasses(trainer.passes)
     queries, responses = grouped_queries_and_responses(k, groups)
     scores = [0.5, -1.0, 2.0, 1.5, 1.5, 1.5]
@@ -342,7 +343,9 @@ def test_config_defaults_follow_the_estimator():
     gae = MultiAdapterPPOConfig(output_dir="unused")
     assert (gae.advantage_estimator, gae.num_generations, gae.value_model, gae.kl_placement) == ("gae", 1, None, "reward")
     rloo = MultiAdapterPPOConfig(output_dir="unused", advantage_estimator="rloo", mini_batch_size=4)
-    assert (rloo.num_generations, rloo.value_model, rloo.prompts_per_batch) == (4, "none", 2)
+    assert (rloo.num_generations, rloo.value_model, rloo.prompts_per_batch, rloo.kl_placement) == (4, "none", 2, "reward")
+    grpo = MultiAdapterPPOConfig(output_dir="unused", advantage_estimator="grpo", mini_batch_size=4)
+    assert (grpo.num_generations, grpo.value_model, grpo.kl_placement) == (4, "none", "loss")
     assert MultiAdapterPPOConfig(output_dir="unused", advantage_estimator="reinforce_pp").num_generations == 1
 
 
@@ -401,3 +404,33 @@ def test_gae_default_is_unchanged(tmp_path, tiny_tokenizer):
     stats = trainer.step(queries, responses, [1.0, 0.0, -1.0, 0.5])
     assert all(key in stats for key in VALUE_KEYS) and "loss/kl_avg" not in stats
     assert trainer.model.value_head is not None
+
+
+# --------------------------------------------------------------------------- the pipeline, as a user runs it
+
+
+@pytest.mark.slow
+def test_tiny_cpu_pipeline_with_only_the_rloo_override_learns_without_a_value_model(tmp_path):
+    """``trl-multiadapter run tiny_cpu --set ppo.advantage_estimator=rloo`` (~2 min on 2 cores): no value head
+    anywhere, and the aligned policy follows the data's planted rule far more often than the base."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    env.pop("TRL_MULTIADAPTER_LAUNCHED", None)
+    completed = subprocess.run([sys.executable, "-m", "trl_multiadapter", "run", "tiny_cpu", "--output_dir",
+                                str(run_dir), "--set", "ppo.advantage_estimator=rloo"], capture_output=True, text=True,
+                               env=env, cwd=Path(__file__).resolve().parents[1])
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert not (run_dir / "export" / "value_head.safetensors").exists()
+    assert json.loads((run_dir / "ppo" / "final" / "multiadapter.json").read_text())["value_model"] == "none"
+    config = json.loads((run_dir / "ppo" / "final" / "ppo_config.json").read_text())
+    assert (config["advantage_estimator"], config["num_generations"]) == ("rloo", 4)
+    history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
+    assert history and not any(key in entry for entry in history for key in VALUE_KEYS)
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert metrics["aligned"]["ground_truth_rate"] >= metrics["base"]["ground_truth_rate"] + 0.2, metrics
+    assert metrics["aligned"]["response_length_median"] >= 2, metrics

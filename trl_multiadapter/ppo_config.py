@@ -120,14 +120,14 @@ class MultiAdapterPPOConfig(TrainingArguments):
             "mean (Dr. GRPO)."
         },
     )
-    kl_placement: str = field(
-        default="reward",
+    kl_placement: str | None = field(
+        default=None,
         metadata={
             "help": "Where the KL to the reference acts. 'reward' (PPO): every token's reward gets -beta * KL_t "
             "(KL_t by kl_estimator), the score is added at the last token. 'loss' (GRPO): rewards are the scores "
             "alone and the loss adds beta * mean_t[pi_ref/pi - log(pi_ref/pi) - 1] (the k3 estimator, with "
             "gradients, over the loss tokens). beta is the KL controller's coefficient (init_kl_coef, adapted "
-            "when adap_kl_ctrl)."
+            "when adap_kl_ctrl). None: 'loss' for grpo (as GRPO and TRL's GRPOTrainer), 'reward' otherwise."
         },
     )
     gamma: float = field(default=1.0, metadata={"help": "Discount factor of GAE."})
@@ -264,6 +264,8 @@ class MultiAdapterPPOConfig(TrainingArguments):
         _require_choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         if self.num_generations is None:
             self.num_generations = DEFAULT_GROUP_SIZE if self.advantage_estimator in GROUP_ESTIMATORS else 1
+        if self.kl_placement is None:
+            self.kl_placement = "loss" if self.advantage_estimator == "grpo" else "reward"
         if self.critic_free and self.value_model is None:
             self.value_model = NO_VALUE_MODEL
 
