@@ -426,6 +426,7 @@ def test_tiny_cpu_pipeline_with_only_the_rloo_override_learns_without_a_value_mo
                                env=env, cwd=Path(__file__).resolve().parents[1])
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert not (run_dir / "export" / "value_head.safetensors").exists()
+    assert "value_head" not in (run_dir / "export" / "README.md").read_text()
     assert json.loads((run_dir / "ppo" / "final" / "multiadapter.json").read_text())["value_model"] == "none"
     config = json.loads((run_dir / "ppo" / "final" / "ppo_config.json").read_text())
     assert (config["advantage_estimator"], config["num_generations"]) == ("rloo", 4)

@@ -157,7 +157,9 @@ def model_card(recipe, metrics: dict[str, Any] | None, reward_metrics: dict[str,
         "frozen base (trl-multiadapter: one base model plays policy, value, reward and reference).",
         "",
         "The export folder holds `policy/` (this adapter, PEFT format), `reward/` (the reward adapter with its "
-        "score head), `value_head.safetensors` and `multiadapter.json`: "
+        "score head), "
+        + ("" if getattr(ppo, "advantage_estimator", "gae") != "gae" else "`value_head.safetensors`, ")
+        + "and `multiadapter.json`: "
         "`MultiAdapterModel.from_pretrained(base, from_saved=\"export\")` restores every role.",
         "",
         "## Data",
