@@ -7,6 +7,7 @@ left-padded prompts of different lengths and right-padded responses that stop ea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from peft import LoraConfig
 
 from trl_multiadapter import ppo_math, shared_prompt
-from trl_multiadapter.batching import RolePasses, minibatch_orders
+from trl_multiadapter.batching import RolePasses, minibatch_orders, padded_batch
 from trl_multiadapter.model import MultiAdapterModel
 from trl_multiadapter.rollout import Rollout, SamplingSettings, left_pad, right_pad, sample_rollout
 from trl_multiadapter.scoring import RewardAdapterScores
@@ -85,14 +86,10 @@ def _passes(model, group_size, mini_batch_size=2 * K):
 
 
 def _no_autocast():
-    import contextlib
-
     return contextlib.nullcontext()
 
 
 def _batch(rollout):
-    from trl_multiadapter.batching import padded_batch
-
     return padded_batch(rollout).trimmed()
 
 
@@ -290,3 +287,46 @@ def test_an_attention_implementation_without_support_falls_back(model, monkeypat
     with caplog.at_level(logging.WARNING, logger="trl_multiadapter.shared_prompt"):
         assert shared_prompt.sharing_groups(model, rollout.query_ids, rollout.query_mask, K) is None
     assert any(repr(attention) in record.getMessage() for record in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+
+def test_a_ppo_step_through_the_trainer_seams_matches_unshared(tmp_path, tiny_tokenizer, monkeypatch):
+    """The whole PPO step (sampling, old values, reference, GAE, 2 epochs of clipped losses and Adam steps)
+    with the shared passes plugged into the trainer's seams gives the unshared step's metrics and weights."""
+    from dataclasses import replace
+
+    from trl_multiadapter import MultiAdapterPPOConfig, MultiAdapterPPOTrainer
+
+    def target_token_reward(completion_ids, **kwargs):
+        return [float(sum(token in (40, 41, 42) for token in ids)) for ids in completion_ids]
+
+    prompts = [torch.tensor(tiny_tokenizer(text)["input_ids"]) for text in ("Tell me a story.", "Hi")]
+    queries = [prompt for prompt in prompts for _ in range(2)]
+    prefill, prefills = shared_prompt.prefill, []
+    monkeypatch.setattr(shared_prompt, "prefill", lambda *args: prefills.append(args[3].num_prompts) or prefill(*args))
+    results = []
+    for group_size in (1, 2):
+        config = MultiAdapterPPOConfig(output_dir=str(tmp_path / str(group_size)), batch_size=4, mini_batch_size=4,
+                                       ppo_epochs=2, learning_rate=1e-3, max_new_tokens=6, save_strategy="no",
+                                       seed=0, disable_tqdm=True, report_to="none")
+        trainer = MultiAdapterPPOTrainer(model=_model(), args=config, processing_class=tiny_tokenizer,
+                                         reward_funcs=[target_token_reward])
+        trainer.sampler = lambda model, ids, mask, settings, k=group_size: sample_rollout(
+            model, ids, mask, replace(settings, group_size=k))
+        trainer.passes = RolePasses(trainer.model, config.temperature, config.mini_batch_size, False,
+                                    trainer.accelerator.autocast, group_size=group_size)
+        torch.manual_seed(0)
+        stats = trainer.step(queries)
+        weights = [parameter.detach().clone() for parameter in trainer.model.trainable_parameters()]
+        results.append((stats, weights))
+    # the shared step prefilled 2 prompts, not 4 rows, in sampling, the reference pass and each epoch's forward
+    assert len(prefills) >= 4 and set(prefills) == {2}, prefills
+    (stats, weights), (shared_stats, shared_weights) = results
+    compared = [key for key in stats if not key.startswith("time/") and key != "eps"]
+    assert {"loss/policy_avg", "loss/value_avg", "objective/kl", "policy/approxkl_avg"} <= set(compared)
+    for key in compared:
+        assert abs(shared_stats[key] - stats[key]) <= TOLERANCE * max(1.0, abs(stats[key])), key
+    for weight, shared_weight in zip(weights, shared_weights):
+        _close(shared_weight, weight)
