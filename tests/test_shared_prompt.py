@@ -264,9 +264,10 @@ def test_gradient_checkpointing_falls_back_with_one_log_line(caplog):
     lines = [record.getMessage() for record in caplog.records if record.name == "trl_multiadapter.shared_prompt"]
     assert len(lines) == 1 and "gradient checkpointing" in lines[0], lines
     _close(logprobs.detach(), expected, batch.response_mask)
-    # without gradients the checkpointed model keeps its cache, so the no-grad passes still share
+    # without gradients a checkpointed layer in training mode keeps its cache: the no-grad passes still share
     with torch.no_grad():
         assert shared_prompt.sharing_groups(checkpointed, batch.query_ids, batch.query_mask, K) is not None
+        _close(_passes(checkpointed, K).policy(batch)[1], expected, batch.response_mask)
 
 
 def test_rows_without_a_shared_prompt_fall_back_with_one_log_line(model, caplog):
