@@ -10,13 +10,26 @@ from collections.abc import Callable
 
 import torch
 
-from . import ppo_math
+from . import ppo_math, shared_prompt
 from .rollout import Rollout, TrainingBatch
 
 
-def minibatch_orders(batch_size: int, ppo_epochs: int, device) -> torch.Tensor:
-    """One shuffled order of the batch per PPO epoch (ppo_epochs, B), drawn before any forward."""
-    return torch.stack([torch.randperm(batch_size) for _ in range(ppo_epochs)]).to(device)
+def minibatch_orders(batch_size: int, ppo_epochs: int, device, group_size: int = 1) -> torch.Tensor:
+    """One shuffled order of the batch per PPO epoch (ppo_epochs, B), drawn before any forward.
+
+    ``group_size`` k > 1: rows [g*k, (g+1)*k) are the k samples of prompt g; the groups are shuffled and
+    each keeps its rows together, so a mini-batch of a multiple of k rows holds whole groups (and shares
+    their prompt computation). 1: every row is shuffled on its own (the draws of a plain run).
+    """
+    if group_size == 1:
+        return torch.stack([torch.randperm(batch_size) for _ in range(ppo_epochs)]).to(device)
+    if group_size < 1 or batch_size % group_size:
+        raise ValueError(f"batch of {batch_size} rows is not whole groups of group_size={group_size}; give k rows "
+                         "per prompt")
+    within = torch.arange(group_size)
+    orders = [(torch.randperm(batch_size // group_size)[:, None] * group_size + within).flatten()
+              for _ in range(ppo_epochs)]
+    return torch.stack(orders).to(device)
 
 
 def group_minibatch_orders(batch_size: int, group_size: int, ppo_epochs: int, device) -> torch.Tensor:
@@ -73,17 +86,32 @@ class RolePasses:
     """The forward passes PPO makes over a batch: policy (with or without grad) and reference (no grad).
 
     Logprobs are taken at the sampling temperature; ``keep_logits`` also returns the raw logits (for the
-    full-vocabulary KL). ``autocast`` is the accelerator's mixed-precision context.
+    full-vocabulary KL). ``autocast`` is the accelerator's mixed-precision context. ``group_size`` k > 1
+    (k samples per prompt): the rows of a (mini-)batch that share a prompt compute it once
+    (``shared_prompt``; same numbers, gradients included); 1 computes every row in full.
     """
 
-    def __init__(self, model, temperature: float, mini_batch_size: int, keep_logits: bool, autocast):
+    def __init__(self, model, temperature: float, mini_batch_size: int, keep_logits: bool, autocast,
+                 group_size: int = 1):
         self.model, self.temperature, self.mini_batch_size = model, temperature, mini_batch_size
-        self.keep_logits, self.autocast = keep_logits, autocast
+        self.keep_logits, self.autocast, self.group_size = keep_logits, autocast, group_size
+
+    def _groups(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> shared_prompt.PromptGroups | None:
+        return shared_prompt.sharing_groups(self.model, query_ids, query_mask, self.group_size,
+                                            needs_grad=torch.is_grad_enabled())
 
     def policy(self, minibatch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Policy logits (b, R, V), logprobs (b, R) and values (b, R), None without a value model; gradients
         follow the caller."""
         prompt_length, response_length = minibatch.query_ids.shape[1], minibatch.response_ids.shape[1]
+        groups = self._groups(minibatch.query_ids, minibatch.query_mask)
+        if groups is not None:
+            with self.autocast():
+                logits, values = shared_prompt.policy_logits_and_values(
+                    self.model, minibatch.query_ids, minibatch.query_mask, minibatch.response_ids,
+                    minibatch.response_mask, groups)
+            logprobs = ppo_math.logprobs_from_logits(logits, minibatch.response_ids, self.temperature)
+            return logits, logprobs, values.float()
         input_ids, attention_mask = forward_inputs(minibatch)
         with self.autocast():
             logits, values = self.model.policy_forward(input_ids, attention_mask, logits_to_keep=response_length)
@@ -104,8 +132,14 @@ class RolePasses:
             rollout.logprobs, rollout.values, rollout.logits = outputs["logprobs"], outputs.get("values"), outputs.get("logits")
         elif rollout.values is None and self.model.value_model == "critic":  # one batched no-grad critic pass
             with torch.inference_mode(), self.autocast():
-                values = self.model.critic_values(rollout.input_ids[:, :-1], rollout.attention_mask[:, :-1])
-            rollout.values = values[:, rollout.query_ids.shape[1] - 1 :].float().clone()
+                groups = self._groups(rollout.query_ids, rollout.query_mask)
+                if groups is None:
+                    values = self.model.critic_values(rollout.input_ids[:, :-1], rollout.attention_mask[:, :-1])
+                    values = values[:, rollout.query_ids.shape[1] - 1 :]
+                else:
+                    values = shared_prompt.critic_values(self.model, rollout.query_ids, rollout.query_mask,
+                                                         rollout.response_ids, rollout.response_mask, groups)
+            rollout.values = values.float().clone()
         return rollout
 
     def reference(self, rollout: Rollout, minibatch_order: torch.Tensor | None = None):
@@ -118,10 +152,15 @@ class RolePasses:
             order, chunk = minibatch_order, self.mini_batch_size
 
         def reference(minibatch: TrainingBatch) -> dict[str, torch.Tensor]:
-            input_ids, attention_mask = forward_inputs(minibatch)
             with torch.inference_mode(), self.autocast():
-                logits = self.model.reference_logits(input_ids, attention_mask,
-                                                     logits_to_keep=minibatch.response_ids.shape[1])
+                groups = self._groups(minibatch.query_ids, minibatch.query_mask)
+                if groups is None:
+                    input_ids, attention_mask = forward_inputs(minibatch)
+                    logits = self.model.reference_logits(input_ids, attention_mask,
+                                                         logits_to_keep=minibatch.response_ids.shape[1])
+                else:
+                    logits = shared_prompt.reference_logits(self.model, minibatch.query_ids, minibatch.query_mask,
+                                                            minibatch.response_ids, minibatch.response_mask, groups)
                 logprobs = ppo_math.logprobs_from_logits(logits, minibatch.response_ids, self.temperature)
             return {"logprobs": logprobs.clone(), **({"logits": logits.clone()} if self.keep_logits else {})}
 

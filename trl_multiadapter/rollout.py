@@ -24,13 +24,12 @@ the logits at column P + j - 1, where the value V(s_j) is read as well.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
 
-from . import ppo_math
+from . import ppo_math, shared_prompt
 from .model import position_ids_from_mask
 
 SAMPLING_ROLES = ("policy", "reference")
@@ -57,6 +56,9 @@ class SamplingSettings:
     capture_values: bool | None = None
     do_sample: bool = True  # False: greedy decoding
     role: str = "policy"  # who samples: "policy" or "reference" (the base policy of the evaluate stage)
+    # k of num_generations: > 1 prefills each distinct prompt once and gathers its KV cache to the rows
+    # that repeat it (``shared_prompt``); 1 prefills every row, as without groups.
+    group_size: int = 1
 
     def __post_init__(self):
         if self.role not in SAMPLING_ROLES:
@@ -66,6 +68,9 @@ class SamplingSettings:
         if self.temperature <= 0:
             raise ValueError(f"SamplingSettings.temperature={self.temperature}; use a temperature > 0 "
                              "(do_sample=False for greedy decoding)")
+        if self.group_size < 1:
+            raise ValueError(f"SamplingSettings.group_size={self.group_size}; use 1 (no sharing) or k, the samples "
+                             "per prompt")
 
 
 @dataclass
@@ -244,9 +249,12 @@ def _sample(model, query_ids, query_mask, settings: SamplingSettings, capture_va
         model.train(False)  # role() restores the mode; a checkpointing layer in training mode drops the cache
         cache = _new_cache(causal_lm)
         attention_mask = query_mask
-        step_ids, position_ids = query_ids, position_ids_from_mask(query_mask)
-        for _ in range(settings.max_new_tokens):
-            hidden = _decode(decoder, step_ids, attention_mask, position_ids, cache)  # (B, H), last position
+        groups = shared_prompt.sharing_groups(model, query_ids, query_mask, settings.group_size)
+        if groups is None:
+            hidden = _decode(decoder, query_ids, query_mask, position_ids_from_mask(query_mask), cache)  # (B, H)
+        else:  # each distinct prompt once, its cache rows gathered to the rows that repeat it
+            hidden = shared_prompt.prefill(decoder, query_ids, query_mask, groups, cache)
+        for step in range(settings.max_new_tokens):
             logits = lm_head(hidden).float()  # (B, V)
             active = ~finished
             token = torch.where(active, _draw(logits, settings, warpers), settings.pad_token_id)
@@ -263,8 +271,9 @@ def _sample(model, query_ids, query_mask, settings: SamplingSettings, capture_va
                 break
             # tokens after a row's stop token are padding: masked out of attention for the later steps
             attention_mask = torch.cat([attention_mask, active[:, None].to(attention_mask.dtype)], dim=1)
-            step_ids = token[:, None]
-            position_ids = attention_mask.sum(dim=1, keepdim=True) - 1
+            if step + 1 < settings.max_new_tokens:  # the next step's hidden state (B, H)
+                position_ids = attention_mask.sum(dim=1, keepdim=True) - 1
+                hidden = _decode(decoder, token[:, None], attention_mask, position_ids, cache)
     response_ids = torch.stack(tokens, dim=1)  # (B, R)
     response_mask = _response_mask(response_ids, settings.stop_token_ids)  # (B, R)
     keep = response_mask.bool()
@@ -301,14 +310,11 @@ def _decode(decoder, input_ids, attention_mask, position_ids, cache) -> torch.Te
 
 def _cache_argument(decoder) -> str:
     # transformers renamed `past_key_values` to `cache` (5.x); use whichever the decoder takes.
-    parameters = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    return shared_prompt.cache_argument(decoder) or "past_key_values"
 
 
 def _new_cache(causal_lm):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=causal_lm.config)
+    return shared_prompt.new_cache(causal_lm)
 
 
 def _warpers(settings: SamplingSettings) -> list:

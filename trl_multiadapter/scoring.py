@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from . import shared_prompt
 from .prompts import is_conversational, pad_token_id
-from .rollout import Rollout, left_pad
+from .rollout import Rollout, left_pad, right_pad
 
 RewardFunction = Callable[..., Sequence[float | None]]
 _CONTENT_MARK = "trl-multiadapter-end-of-turn-probe"
@@ -65,10 +66,14 @@ def training_format_responses(rollout: Rollout, stop_ids: Sequence[int], end_ids
 
 
 class RewardAdapterScores:
-    """Scores (B,) float32 from the model's reward adapter, read at the last token of the training format."""
+    """Scores (B,) float32 from the model's reward adapter, read at the last token of the training format.
+
+    ``group_size`` k > 1 (k samples per prompt): rows with the same prompt compute it once
+    (``shared_prompt``); only the responses differ, end-of-turn replacement included.
+    """
 
     def __init__(self, model, pad_token_id: int, stop_ids: Sequence[int] = (), end_ids: Sequence[int] = (),
-                 autocast: Callable[[], AbstractContextManager] = nullcontext):
+                 autocast: Callable[[], AbstractContextManager] = nullcontext, group_size: int = 1):
         if "reward" not in model.roles:
             raise ValueError(
                 "no reward source: pass reward_adapter=<dir> (or a MultiAdapterModel built with one) or "
@@ -76,9 +81,17 @@ class RewardAdapterScores:
             )
         self.model, self.pad_token_id, self.autocast = model, pad_token_id, autocast
         self.stop_ids, self.end_ids = {int(i) for i in stop_ids}, tuple(end_ids)
+        self.group_size = group_size
 
     def __call__(self, rollout: Rollout, columns: dict[str, list]) -> torch.Tensor:
         responses = training_format_responses(rollout, self.stop_ids, self.end_ids)
+        groups = shared_prompt.sharing_groups(self.model, rollout.query_ids, rollout.query_mask, self.group_size)
+        if groups is not None and all(response.numel() for response in responses):
+            response_ids, response_mask = right_pad(responses, self.pad_token_id, rollout.query_ids.device)
+            with torch.inference_mode(), self.autocast():
+                scores = shared_prompt.reward_scores(self.model, rollout.query_ids, rollout.query_mask,
+                                                     response_ids, response_mask, groups)
+            return scores.float().clone()
         prompts = [ids[mask.bool()] for ids, mask in zip(rollout.query_ids, rollout.query_mask)]
         input_ids, attention_mask = left_pad(
             [torch.cat([prompt, response]) for prompt, response in zip(prompts, responses)],
@@ -171,9 +184,10 @@ def _reward_values(values, batch_size: int, name: str) -> tuple[torch.Tensor, to
 
 
 def reward_source_for(model, functions: Sequence[RewardFunction], args, tokenizer, stop_ids: Sequence[int],
-                      autocast=nullcontext, trainer_state: Callable[[], Any] = lambda: None):
+                      autocast=nullcontext, trainer_state: Callable[[], Any] = lambda: None, group_size: int = 1):
     """The trainer's reward source: the reward functions when given, else the model's reward adapter
-    (scoring in the training format), else None (scores must then come with ``step()``)."""
+    (scoring in the training format; ``group_size`` k > 1 shares each prompt's computation), else None
+    (scores must then come with ``step()``)."""
     if functions:
         return RewardFunctionScores(functions, args.reward_weights, tokenizer, trainer_state)
     if args.reward_weights is not None:
@@ -181,4 +195,4 @@ def reward_source_for(model, functions: Sequence[RewardFunction], args, tokenize
     if "reward" not in model.roles:
         return None
     end_ids = end_of_turn_ids(tokenizer, args.end_of_turn_token)
-    return RewardAdapterScores(model, pad_token_id(tokenizer), stop_ids, end_ids, autocast)
+    return RewardAdapterScores(model, pad_token_id(tokenizer), stop_ids, end_ids, autocast, group_size)
