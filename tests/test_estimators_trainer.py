@@ -25,7 +25,7 @@ from test_ppo_trainer import (
 )
 
 from trl_multiadapter import MultiAdapterModel, MultiAdapterPPOConfig, MultiAdapterPPOTrainer, recipe
-from trl_multiadapter.batching import group_minibatch_orders
+from trl_multiadapter.batching import minibatch_orders
 from trl_multiadapter.recipe import RecipeError
 
 VALUE_KEYS = ("loss/value_avg", "val/clipfrac_avg")
@@ -304,7 +304,7 @@ def test_train_samples_each_prompt_k_times_in_consecutive_rows(tmp_path, tiny_to
 
 def test_group_orders_permute_whole_groups():
     torch.manual_seed(0)
-    orders = group_minibatch_orders(12, 3, 5, "cpu")
+    orders = minibatch_orders(12, 5, "cpu", group_size=3)
     assert orders.shape == (5, 12)
     for order in orders:
         assert sorted(order.tolist()) == list(range(12))

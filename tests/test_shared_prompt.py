@@ -270,15 +270,14 @@ def test_gradient_checkpointing_falls_back_with_one_log_line(caplog):
         _close(_passes(checkpointed, K).policy(batch)[1], expected, batch.response_mask)
 
 
-def test_rows_without_a_shared_prompt_fall_back_with_one_log_line(model, caplog):
+def test_rows_without_a_shared_prompt_run_unshared_without_a_line(model, caplog):
     rollout = _rollout(7)
-    distinct = rollout.select(torch.tensor([0, 3, 6]))  # one row per prompt
+    distinct = rollout.select(torch.tensor([0, 3, 6]))  # one row per prompt: nothing to share (evaluation)
     with caplog.at_level(logging.WARNING, logger="trl_multiadapter.shared_prompt"):
         assert shared_prompt.sharing_groups(model, distinct.query_ids, distinct.query_mask, K) is None
-        assert shared_prompt.sharing_groups(model, distinct.query_ids, distinct.query_mask, K) is None
-        assert shared_prompt.sharing_groups(model, rollout.query_ids, rollout.query_mask, 1) is None  # silent
-    lines = [record.getMessage() for record in caplog.records if record.name == "trl_multiadapter.shared_prompt"]
-    assert len(lines) == 1 and "same prompt" in lines[0], lines
+        assert shared_prompt.sharing_groups(model, rollout.query_ids, rollout.query_mask, 1) is None
+        assert shared_prompt.sharing_groups(model, rollout.query_ids, rollout.query_mask, K) is not None
+    assert not [record for record in caplog.records if record.name == "trl_multiadapter.shared_prompt"]
 
 
 def test_an_attention_implementation_without_support_falls_back(model, monkeypatch, caplog):
@@ -293,11 +292,10 @@ def test_an_attention_implementation_without_support_falls_back(model, monkeypat
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
-def test_a_ppo_step_through_the_trainer_seams_matches_unshared(tmp_path, tiny_tokenizer, monkeypatch):
-    """The whole PPO step (sampling, old values, reference, GAE, 2 epochs of clipped losses and Adam steps)
-    with the shared passes plugged into the trainer's seams gives the unshared step's metrics and weights."""
-    from dataclasses import replace
-
+def test_a_trainer_with_k_samples_per_prompt_shares_and_matches_unshared(tmp_path, tiny_tokenizer, monkeypatch):
+    """A trainer with num_generations=2 computes each prompt once in sampling, the reference pass and every
+    epoch's forward, and its whole PPO step (GAE, 2 epochs of clipped losses and Adam steps) gives the
+    metrics and weights of the same step with sharing switched off."""
     from trl_multiadapter import MultiAdapterPPOConfig, MultiAdapterPPOTrainer
 
     def target_token_reward(completion_ids, **kwargs):
@@ -305,19 +303,17 @@ def test_a_ppo_step_through_the_trainer_seams_matches_unshared(tmp_path, tiny_to
 
     prompts = [torch.tensor(tiny_tokenizer(text)["input_ids"]) for text in ("Tell me a story.", "Hi")]
     queries = [prompt for prompt in prompts for _ in range(2)]
-    prefill, prefills = shared_prompt.prefill, []
+    prefill, sharing_groups, prefills = shared_prompt.prefill, shared_prompt.sharing_groups, []
     monkeypatch.setattr(shared_prompt, "prefill", lambda *args: prefills.append(args[3].num_prompts) or prefill(*args))
     results = []
-    for group_size in (1, 2):
-        config = MultiAdapterPPOConfig(output_dir=str(tmp_path / str(group_size)), batch_size=4, mini_batch_size=4,
-                                       ppo_epochs=2, learning_rate=1e-3, max_new_tokens=6, save_strategy="no",
-                                       seed=0, disable_tqdm=True, report_to="none")
+    for share in (False, True):
+        monkeypatch.setattr(shared_prompt, "sharing_groups",
+                            sharing_groups if share else lambda *args, **kwargs: None)
+        config = MultiAdapterPPOConfig(output_dir=str(tmp_path / str(share)), batch_size=4, mini_batch_size=4,
+                                       num_generations=2, ppo_epochs=2, learning_rate=1e-3, max_new_tokens=6,
+                                       save_strategy="no", seed=0, disable_tqdm=True, report_to="none")
         trainer = MultiAdapterPPOTrainer(model=_model(), args=config, processing_class=tiny_tokenizer,
                                          reward_funcs=[target_token_reward])
-        trainer.sampler = lambda model, ids, mask, settings, k=group_size: sample_rollout(
-            model, ids, mask, replace(settings, group_size=k))
-        trainer.passes = RolePasses(trainer.model, config.temperature, config.mini_batch_size, False,
-                                    trainer.accelerator.autocast, group_size=group_size)
         torch.manual_seed(0)
         stats = trainer.step(queries)
         weights = [parameter.detach().clone() for parameter in trainer.model.trainable_parameters()]

@@ -32,16 +32,6 @@ def minibatch_orders(batch_size: int, ppo_epochs: int, device, group_size: int =
     return torch.stack(orders).to(device)
 
 
-def group_minibatch_orders(batch_size: int, group_size: int, ppo_epochs: int, device) -> torch.Tensor:
-    """(ppo_epochs, B) orders that shuffle whole groups: rows [g*k, (g+1)*k) (one prompt's k samples) stay
-    consecutive, so a mini-batch of a multiple of k rows holds whole groups. k = 1 is minibatch_orders."""
-    if group_size == 1:
-        return minibatch_orders(batch_size, ppo_epochs, device)
-    groups = minibatch_orders(batch_size // group_size, ppo_epochs, device)  # (E, B / k)
-    within = torch.arange(group_size, device=groups.device)
-    return (groups[:, :, None] * group_size + within).reshape(ppo_epochs, batch_size)
-
-
 def forward_inputs(minibatch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + response ids and attention mask without the last response column: that token is never the
     input of a prediction PPO needs, so logits_to_keep=R gives exactly the R response predictions."""
@@ -111,7 +101,7 @@ class RolePasses:
                     self.model, minibatch.query_ids, minibatch.query_mask, minibatch.response_ids,
                     minibatch.response_mask, groups)
             logprobs = ppo_math.logprobs_from_logits(logits, minibatch.response_ids, self.temperature)
-            return logits, logprobs, values.float()
+            return logits, logprobs, None if values is None else values.float()
         input_ids, attention_mask = forward_inputs(minibatch)
         with self.autocast():
             logits, values = self.model.policy_forward(input_ids, attention_mask, logits_to_keep=response_length)

@@ -36,7 +36,7 @@ from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
 
 from . import distributed, ppo_math
-from .batching import RolePasses, at_temperature, group_minibatch_orders
+from .batching import RolePasses, at_temperature, minibatch_orders
 from .builder import build_model, load_tokenizer
 from .checkpointing import ResumeState, resolve_checkpoint, save_checkpoint
 from .devices import isolated_rng
@@ -124,10 +124,12 @@ class MultiAdapterPPOTrainer(Trainer):
         self.pad_token_id = pad_token_id(processing_class)
         self.stop_token_ids = stop_token_ids(processing_class, model, args.stop_token)
         self.sampler = sample_rollout
+        # k samples per prompt: every pass computes each prompt once (shared_prompt.py)
         self.passes = RolePasses(model, args.temperature, args.mini_batch_size, args.kl_estimator == "full",
-                                 self.accelerator.autocast)
+                                 self.accelerator.autocast, group_size=args.num_generations)
         self.reward_source = reward_source_for(model, as_reward_functions(reward_funcs), args, processing_class,
-                                               self.stop_token_ids, self.accelerator.autocast, lambda: self.state)
+                                               self.stop_token_ids, self.accelerator.autocast, lambda: self.state,
+                                               group_size=args.num_generations)
         self.kl_ctl = build_kl_controller(args.adap_kl_ctrl, args.init_kl_coef, args.target, args.horizon)
         self.score_moments = RunningMoments()
         self.timings = Timings()
@@ -311,7 +313,7 @@ class MultiAdapterPPOTrainer(Trainer):
         """Everything after sampling and scoring: rewards, advantages, optimisation, KL controller."""
         args = self.args
         self._check_finite(scores=scores[:, None])
-        orders = group_minibatch_orders(rollout.batch_size, args.num_generations, args.ppo_epochs, self.device)
+        orders = minibatch_orders(rollout.batch_size, args.ppo_epochs, self.device, group_size=args.num_generations)
         # Old logprobs from the training forward (exact mode, or responses sampled outside): the reference
         # then runs on the same mini-batches, so a policy equal to its reference has a KL of exactly 0.
         exact = args.rollout_logprobs == "forward" or rollout.logprobs is None
@@ -366,7 +368,8 @@ class MultiAdapterPPOTrainer(Trainer):
         args = self.args
         return ppo_sampling_settings(args, self.stop_token_ids, self.pad_token_id, **{
             "keep_logits": for_training and args.kl_estimator == "full" and args.rollout_logprobs == "generation",
-            "capture_values": for_training and self.model.value_model == "head", **overrides})
+            "capture_values": for_training and self.model.value_model == "head",
+            "group_size": args.num_generations if for_training else 1, **overrides})
 
     def _generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, for_training: bool = True,
                   **overrides) -> Rollout:

@@ -21,8 +21,8 @@ works; a mini-batch only needs to hold several rows of a prompt for sharing to p
 Where sharing cannot apply, ``sharing_groups`` returns None, the caller runs the unshared forward, and
 one log line (once per reason and process) says why: gradient checkpointing in a training forward (it
 drops the cache), k-bit weights on CPU with gradients, an attention implementation other than eager /
-sdpa, a cache with sliding-window or recurrent layers, a decoder that takes no cache, prompts that are
-not left-padded, or a batch in which no two rows share a prompt.
+sdpa, a cache with sliding-window or recurrent layers, a decoder that takes no cache, or prompts that
+are not left-padded. A batch in which no two rows share a prompt runs unshared without a line.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def sharing_groups(model, query_ids: torch.Tensor, query_mask: torch.Tensor, gro
                    needs_grad: bool = False) -> PromptGroups | None:
     """The prompt groups to share over, or None for the unshared computation.
 
-    ``group_size`` 1 (sharing not asked for) returns None silently; otherwise a None is explained by one
-    log line per reason. ``needs_grad``: the pass will back-propagate.
+    ``group_size`` 1 (sharing not asked for) and a batch without two rows of one prompt return None
+    silently; otherwise a None is explained by one log line per reason. ``needs_grad``: the pass will back-propagate.
     """
     if group_size <= 1:
         return None
@@ -90,9 +90,8 @@ def sharing_groups(model, query_ids: torch.Tensor, query_mask: torch.Tensor, gro
             reason = "the prompts are not left-padded (a row's last prompt column is padding)"
         else:
             groups = prompt_groups(query_ids, query_mask)
-            if groups.num_prompts < query_ids.shape[0]:
-                return groups
-            reason = "no two rows of a batch have the same prompt (keep a prompt's k rows together)"
+            # A batch of distinct prompts (evaluation, a mini-batch of one row) has nothing to share: no line.
+            return groups if groups.num_prompts < query_ids.shape[0] else None
     log_fallback_once(reason)
     return None
 
@@ -186,14 +185,16 @@ def _lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def policy_logits_and_values(model, query_ids, query_mask, response_ids, response_mask,
-                             groups: PromptGroups) -> tuple[torch.Tensor, torch.Tensor]:
-    """Policy logits (B, R, V) float32 and values (B, R) float32 of the response predictions; gradients
-    follow the caller. Same numbers as ``policy_forward(prompt + response[:, :-1], logits_to_keep=R)``
-    with its values from column P-1 on."""
+                             groups: PromptGroups) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Policy logits (B, R, V) float32 and values (B, R) float32 of the response predictions (None without
+    a value model); gradients follow the caller. Same numbers as ``policy_forward(prompt + response[:, :-1],
+    logits_to_keep=R)`` with its values from column P-1 on."""
     hidden = prediction_hidden(model, "policy", query_ids, query_mask, response_ids, response_mask, groups)
     logits = _lm_logits(model, hidden)
     if model.value_model == "head":
         return logits, model.values_from_hidden(hidden)
+    if model.value_model != "critic":  # critic-free estimators: no value model exists
+        return logits, None
     return logits, critic_values(model, query_ids, query_mask, response_ids, response_mask, groups)
 
 
