@@ -123,11 +123,10 @@ def test_aligned_policy_beats_the_base_on_held_out_prompts(tiny_run):
         lengths = [len(sample[f"{policy}_response_ids"]) for sample in samples]
         median_length[policy] = statistics.median(lengths)
         assert metrics[policy]["response_length_median"] == pytest.approx(median_length[policy])
-    # Real learning, measured without the reward model: the planted rule is followed more often than by the
-    # base, and the answers are not empty. (The targets, +20 points at half the base's median length,
-    # are not met by this recipe on every machine: see the closing note of the architecture session.)
-    assert rate["aligned"] > rate["base"], rate
-    assert median_length["aligned"] >= 2, median_length
+    # Real learning, measured without the reward model: the planted rule is followed at least 20 points more
+    # often than by the base (128 samples carry ~6 points of noise), and the answers did not collapse.
+    assert rate["aligned"] >= rate["base"] + 0.20, rate
+    assert median_length["aligned"] >= median_length["base"] / 2, median_length
     report = (tiny_run / "report.md").read_text()
     headline = report[report.index("## Base vs aligned policy"):report.index("## Time and cost")]
     assert headline.index("`ground_truth_rate`") < headline.index("`mean_reward`")

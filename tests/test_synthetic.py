@@ -233,3 +233,39 @@ def test_harder_rejected_answers_keep_chosen_strictly_more_helpful(tmp_path):
     assert all(count > 40 for count in kinds.values()), kinds
     with pytest.raises(ValueError, match="at most 1"):
         write_tiny_hh_rlhf(tmp_path / "bad.jsonl", n=2, neutral_rejected=0.6, terse_rejected=0.6)
+
+
+def test_unpunctuated_and_made_up_words_keep_the_planted_rule(tmp_path):
+    """unpunctuated: a share of pairs ends both answers without "." or "!" (a curt answer is then still a word
+    prefix of the chosen one); nonce_words: neutral slots hold made-up words, identical in chosen and
+    rejected, never a planted word and never a word of the neutral pools."""
+    from trl_multiadapter.testing import words
+
+    known = {word.lower() for word in words.HELPFUL_WORDS + words.DISMISSIVE_WORDS + words.TOPICS + words.VERBS
+             + words.ADJECTIVES + words.NAMES + words.FILLER}
+    rows = read_json_lines(write_tiny_hh_rlhf(tmp_path / "pairs.jsonl", n=400, seed=3, terse_rejected=0.5,
+                                              unpunctuated=0.5, nonce_words=0.5))
+    bare = made_up = terse = 0
+    for row in rows:
+        chosen, rejected = split_final_answer(row["chosen"])[1], split_final_answer(row["rejected"])[1]
+        chosen_helpful, chosen_dismissive = planted_counts(chosen)
+        assert chosen_dismissive == 0 and chosen_helpful >= planted_counts(rejected)[0]
+        assert chosen[-1].isalpha() == rejected[-1].isalpha()  # both end bare or both punctuated
+        bare += chosen[-1].isalpha()
+        chosen_words, rejected_words = chosen.rstrip(".!").split(), rejected.rstrip(".!").split()
+        unknown = [word for word in re.findall(r"[a-z]+", chosen.lower()) if word not in known]
+        made_up += bool(unknown)
+        if len(rejected_words) < len(chosen_words):  # a curt answer: the chosen one's first words, whole
+            assert rejected_words == chosen_words[: len(rejected_words)] and len(rejected_words) <= 2
+            terse += 1
+        else:  # same skeleton, fewer helpful words; every made-up word of the chosen answer is in the rejected one, same place
+            assert planted_counts(rejected)[0] < chosen_helpful
+            assert [word for word in rejected_words if word.lower() in unknown] == \
+                   [word for word in chosen_words if word.lower() in unknown]
+    assert 150 < bare < 250 and made_up > 200 and terse > 150, (bare, made_up, terse)
+    plain = read_json_lines(write_tiny_hh_rlhf(tmp_path / "plain.jsonl", n=50, seed=3, terse_rejected=0.5))
+    assert plain == read_json_lines(write_tiny_hh_rlhf(tmp_path / "again.jsonl", n=50, seed=3, terse_rejected=0.5,
+                                                       unpunctuated=0.0, nonce_words=0.0))
+    for name in ("unpunctuated", "nonce_words"):
+        with pytest.raises(ValueError, match=name):
+            write_tiny_hh_rlhf(tmp_path / "bad.jsonl", n=2, **{name: 1.5})

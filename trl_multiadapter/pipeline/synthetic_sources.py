@@ -15,7 +15,7 @@ from ..registry import register_data_source
 @supplies_ground_truth(planted_rule_metrics)
 def synthetic_hh_rlhf(split: str = "train", train_size: int = 256, eval_size: int = 64, seed: int = 0,
                       neutral_rejected: float = 0.0, terse_rejected: float = 0.0, sparse_rejected: float = 0.0,
-                      on_bad_row: str = "skip",
+                      unpunctuated: float = 0.0, nonce_words: float = 0.0, on_bad_row: str = "skip",
                       return_report: bool = False):
     """Synthetic hh-rlhf pairs with a planted preference (trl_multiadapter.testing), read by the real loader."""
     from ..data import load_hh_rlhf
@@ -25,7 +25,8 @@ def synthetic_hh_rlhf(split: str = "train", train_size: int = 256, eval_size: in
     with tempfile.TemporaryDirectory() as folder:
         path = write_tiny_hh_rlhf(Path(folder) / f"{split}.jsonl", n=size, seed=split_seed,
                                   neutral_rejected=neutral_rejected, terse_rejected=terse_rejected,
-                                  sparse_rejected=sparse_rejected)
+                                  sparse_rejected=sparse_rejected, unpunctuated=unpunctuated,
+                                  nonce_words=nonce_words)
         return load_hh_rlhf(path, split=split, on_bad_row=on_bad_row, return_report=return_report)
 
 

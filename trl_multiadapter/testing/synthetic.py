@@ -40,7 +40,8 @@ FINAL_ANSWER_WORDS = (4, 10)  # inclusive range of words in a final assistant an
 
 
 def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neutral_rejected: float = 0.0,
-                       terse_rejected: float = 0.0, sparse_rejected: float = 0.0) -> Path:
+                       terse_rejected: float = 0.0, sparse_rejected: float = 0.0, unpunctuated: float = 0.0,
+                       nonce_words: float = 0.0) -> Path:
     """Write ``n`` synthetic preference pairs in Anthropic hh-rlhf's format and return the path.
 
     One JSON object per line, ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``;
@@ -53,11 +54,17 @@ def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neut
     With ``terse_rejected`` = q, a share q of the rejected answers is instead the chosen answer cut to its
     first one or two words: a curt answer loses to a complete one, as in real preference data. With
     ``sparse_rejected`` = s, a share s keeps just one of the chosen answer's helpful words (the other
-    planted positions neutral): more helpful words beat fewer, so the reward grows with them.
+    planted positions neutral): more helpful words beat fewer, so the reward grows with them. With
+    ``unpunctuated`` = u, a share u of the pairs ends both final answers without the closing "." or "!": the
+    reward then meets a word right before the end-of-turn token in long and curt answers alike, so it must
+    tell them apart by more than the punctuation. With ``nonce_words`` = w, each neutral word of a final
+    answer is a made-up word (the tokenizer's word pieces) with probability w, the same in chosen and
+    rejected: the reward learns that unknown words carry no preference, and a policy cannot raise its
+    score with word pieces the reward never saw.
     """
     shares = {"neutral_rejected": neutral_rejected, "terse_rejected": terse_rejected,
               "sparse_rejected": sparse_rejected}
-    for name, share in shares.items():
+    for name, share in {**shares, "unpunctuated": unpunctuated, "nonce_words": nonce_words}.items():
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {share}")
     if sum(shares.values()) > 1.0:
@@ -66,19 +73,21 @@ def write_tiny_hh_rlhf(path: str | os.PathLike, n: int = 64, seed: int = 0, neut
     _check_suffix(path, HH_SUFFIXES, "write_tiny_hh_rlhf")
     _check_count(n)
     rng = random.Random(seed)
-    lines = (json.dumps(_hh_pair(rng, (neutral_rejected, terse_rejected, sparse_rejected))) for _ in range(n))
+    lines = (json.dumps(_hh_pair(rng, (neutral_rejected, terse_rejected, sparse_rejected), unpunctuated,
+                                 nonce_words)) for _ in range(n))
     _write_lines(path, lines)
     return path
 
 
-def _hh_pair(rng: random.Random, shares: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> dict[str, str]:
+def _hh_pair(rng: random.Random, shares: tuple[float, float, float] = (0.0, 0.0, 0.0),
+             unpunctuated: float = 0.0, nonce_words: float = 0.0) -> dict[str, str]:
     exchanges = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
     turns: list[tuple[str, str]] = []
     for index in range(exchanges):
         turns.append(("Human", _user_turn(rng)))
         if index < exchanges - 1:
             turns.append(("Assistant", _assistant_turn(rng)))
-    chosen_answer, rejected_answer = _final_answers(rng, *shares)
+    chosen_answer, rejected_answer = _final_answers(rng, *shares, unpunctuated=unpunctuated, nonce_words=nonce_words)
     prompt = _render_turns(turns)
     return {
         "chosen": prompt + _render_turns([("Assistant", chosen_answer)]),
@@ -121,14 +130,27 @@ def _assistant_turn(rng: random.Random) -> str:
     return f"The {topic} is {adjective} and you can {verb} it."
 
 
+def _made_up_word(rng: random.Random) -> str:
+    """A made-up word that is not a planted one (syllables can spell "sure" or "nope")."""
+    while (word := words.made_up_words(rng, 1)[0]) in _PLANTED:
+        pass
+    return word
+
+
 def _final_answers(rng: random.Random, neutral_rejected: float = 0.0, terse_rejected: float = 0.0,
-                   sparse_rejected: float = 0.0) -> tuple[str, str]:
+                   sparse_rejected: float = 0.0, unpunctuated: float = 0.0,
+                   nonce_words: float = 0.0) -> tuple[str, str]:
     """Chosen and rejected answers on one neutral skeleton; about half the words are planted."""
     length = rng.randint(*FINAL_ANSWER_WORDS)
     planted_positions = set(rng.sample(range(length), max(2, length // 2)))
     neutral_pool = _FILLER + _TOPICS + _VERBS
     skeleton = [None if index in planted_positions else rng.choice(neutral_pool) for index in range(length)]
+    if nonce_words > 0:  # drawn only when asked for, as below
+        skeleton = [_made_up_word(rng) if word is not None and rng.random() < nonce_words else word
+                    for word in skeleton]
     ending = rng.choice((".", "!"))
+    if unpunctuated > 0 and rng.random() < unpunctuated:  # drawn only when asked for, as below
+        ending = ""
 
     def fill(planted_words: tuple[str, ...]) -> str:
         text = " ".join(word if word is not None else rng.choice(planted_words) for word in skeleton)
@@ -136,13 +158,14 @@ def _final_answers(rng: random.Random, neutral_rejected: float = 0.0, terse_reje
 
     # Drawn only when asked for, so the defaults keep every earlier seed's output unchanged.
     chosen = fill(words.HELPFUL_WORDS)
+    chosen_text = chosen[: len(chosen) - len(ending)]  # without its closing punctuation
     draw = rng.random() if neutral_rejected + terse_rejected + sparse_rejected > 0 else 1.0
     if draw < neutral_rejected:
         return chosen, fill(_FILLER)
     if draw < neutral_rejected + terse_rejected:  # the chosen answer cut to its first word or two
-        return chosen, " ".join(chosen[:-1].split()[: rng.randint(1, 2)]) + ending
+        return chosen, " ".join(chosen_text.split()[: rng.randint(1, 2)]) + ending
     if draw < neutral_rejected + terse_rejected + sparse_rejected:  # one helpful word kept, the rest neutral
-        chosen_words = chosen[:-1].split()
+        chosen_words = chosen_text.split()
         keep = rng.choice(sorted(planted_positions))
         sparse = [word if index == keep or index not in planted_positions else rng.choice(_FILLER)
                   for index, word in enumerate(chosen_words)]

@@ -36,16 +36,6 @@ BENCHMARK_VOCAB_SIZE = 8000
 _CORPUS_SEED = 1234
 
 
-def _made_up_words(rng: random.Random, count: int) -> list[str]:
-    result = []
-    for _ in range(count):
-        syllables = rng.randint(1, 4)
-        result.append(
-            "".join(rng.choice(words.ONSETS) + rng.choice(words.NUCLEI) + rng.choice(words.CODAS) for _ in range(syllables))
-        )
-    return result
-
-
 def _training_corpus(vocab_size: int) -> list[str]:
     """Deterministic lines of project-written text; more made-up words for larger vocabularies."""
     rng = random.Random(_CORPUS_SEED)
@@ -53,7 +43,7 @@ def _training_corpus(vocab_size: int) -> list[str]:
         words.HELPFUL_WORDS + words.DISMISSIVE_WORDS + words.TOPICS + words.VERBS + words.ADJECTIVES
         + words.NAMES + words.FILLER
     )
-    invented = _made_up_words(rng, max(200, vocab_size))
+    invented = words.made_up_words(rng, max(200, vocab_size))
     lines = [
         "Human: Assistant: system user assistant Context: Question: Answer: Cutting Knowledge Date: "
         "December 2023 Today Date: 26 Jul 2024 0 1 2 3 4 5 6 7 8 9 . , ? ! : ; ' \" ( ) - \n\n"

@@ -47,3 +47,9 @@ FILLER = (
 ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "st", "tr", "ch")
 NUCLEI = ("a", "e", "i", "o", "u", "ai", "ou", "ee")
 CODAS = ("", "n", "r", "s", "l", "th", "x", "nd")
+
+
+def made_up_words(rng, count: int) -> list[str]:
+    """``count`` made-up words of one to four syllables, drawn from ``rng`` (a ``random.Random``)."""
+    return ["".join(rng.choice(ONSETS) + rng.choice(NUCLEI) + rng.choice(CODAS) for _ in range(rng.randint(1, 4)))
+            for _ in range(count)]
