@@ -171,8 +171,38 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"| speed vs separate copies, fp32 (quick run's baseline) | "
                      f"{_number(summary['speed_ratio_vs_separate'], 3)} | - | - |")
     lines += ["", *_speed_table(summary.get("speed")), *_memory_table(summary.get("memory")),
-              *_scaling_table(summary.get("scaling")), *_parity_lines(summary.get("parity"))]
+              *_scaling_table(summary.get("scaling")), *_parity_lines(summary.get("parity")),
+              *_estimators_table(summary.get("estimators")), *_shared_prompt_table(summary.get("shared_prompt"))]
     return "\n".join(lines) + "\n"
+
+
+def _estimators_table(estimators: dict | None) -> list[str]:
+    """benchmarks/estimators.py's systems (run.py --also estimators), ratios to gae from the same run."""
+    if not estimators:
+        return []
+    settings = estimators["settings"]
+    lines = ["", f"Advantage estimators ({settings['size']} model, {settings['batch']} rows = "
+                 f"{settings['batch'] // settings['k']} prompts x {settings['k']}, {settings['new_tokens']} new tokens, "
+                 f"{settings['ppo_epochs']} PPO epochs, mini-batch {settings['mini_batch']}):", "",
+             "| system | s/iteration | x gae | peak RSS above baseline (MiB) | x gae |", "|---|---|---|---|---|"]
+    for name, row in estimators["systems"].items():
+        ratio = estimators["ratios_vs_gae"][name]
+        lines.append(f"| {name} | {row['s_per_iteration']:.2f} | {ratio['s_per_iteration']:.3f} | "
+                     f"{row['peak_rss_above_baseline']:.0f} | {ratio['peak_memory']:.3f} |")
+    return lines
+
+
+def _shared_prompt_table(shared: dict | None) -> list[str]:
+    """benchmarks/shared_prompt.py's phases (run.py --also shared_prompt): unshared / shared, same run."""
+    if not shared:
+        return []
+    lines = ["", "One prompt, k samples: each prompt computed once (shared) vs per row (unshared), median of "
+                 f"{len(shared['rounds'])} paired rounds:", "",
+             "| phase | unshared s | shared s | speed-up |", "|---|---|---|---|"]
+    for phase, speedup in shared["speedup"].items():
+        lines.append(f"| {phase} | {shared['seconds']['unshared'][phase]:.2f} | {shared['seconds']['shared'][phase]:.2f} "
+                     f"| {speedup:.2f}x |")
+    return lines
 
 
 def _speed_table(speed: dict | None) -> list[str]:

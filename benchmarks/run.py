@@ -453,6 +453,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scaling-rounds", type=int, help="timed rounds per scaling point (full: 3)")
     parser.add_argument("--skip", nargs="+", default=[], choices=["parity", "speed", "memory", "scaling"],
                         help="phases to leave out (a run that skips any writes partial.json, not latest.json)")
+    parser.add_argument("--also", nargs="+", default=[], choices=list(EXTRA_BENCHMARKS),
+                        help="also run these same-run comparisons and add their tables: estimators (gae vs rloo "
+                             "vs grpo, s/iteration and peak memory), shared_prompt (k samples per prompt, shared "
+                             "vs unshared prompt computation)")
     parser.add_argument("--no-bf16", action="store_true", help="leave out our opt-in bf16 frozen base")
     parser.add_argument("--baseline", choices=["trl_0_11_4", "separate_copies"],
                         help="what ours is timed against (full: trl_0_11_4; --quick: separate_copies)")
@@ -510,7 +514,26 @@ def print_plan(plan: Plan, estimate_s: float) -> None:
     print(f"  estimated duration: ~{math.ceil(estimate_s / 60)} min on an idle machine like the reference 2-core CPU")
 
 
-def run(plan: Plan, workdir: Path, command: str, estimate_s: float) -> dict:
+# The critic-free estimators and shared-prompt comparisons live in their own scripts (one fresh process per
+# system, their own workloads); --also runs them in the same run and keeps their JSON beside ours.
+EXTRA_BENCHMARKS = {"estimators": "estimators.py", "shared_prompt": "shared_prompt.py"}
+
+
+def run_extra_benchmark(name: str, workdir: Path, threads: int) -> dict:
+    output = workdir / f"{name}.json"
+    output.unlink(missing_ok=True)
+    print(f"\n== {name}", flush=True)
+    script = Path(__file__).resolve().parent / EXTRA_BENCHMARKS[name]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    completed = subprocess.run([sys.executable, str(script), "--threads", str(threads), "--json", str(output)],
+                               env=env, check=False)
+    if completed.returncode != 0 or not output.exists():
+        raise SystemExit(f"benchmarks/{EXTRA_BENCHMARKS[name]} failed (exit {completed.returncode}); run it alone "
+                         "to see why")
+    return json.loads(output.read_text())
+
+
+def run(plan: Plan, workdir: Path, command: str, estimate_s: float, also: tuple[str, ...] = ()) -> dict:
     started = time.perf_counter()
 
     def progress(phase: str) -> None:
@@ -534,6 +557,9 @@ def run(plan: Plan, workdir: Path, command: str, estimate_s: float) -> dict:
     if "scaling" in plan.phases:
         results["scaling"] = run_scaling(plan, workdir, prompts)
         progress("scaling")
+    for name in also:
+        results[name] = run_extra_benchmark(name, workdir, plan.threads)
+        progress(name)
     results["machine"]["loadavg_end"] = list(os.getloadavg())
     results["duration_s"] = time.perf_counter() - started
     results.update(_report.headline(results))
@@ -590,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = "python benchmarks/run.py " + " ".join(shlex.quote(arg) for arg in (argv if argv is not None
                                                                                    else sys.argv[1:]))
-    results = run(plan, workdir, command.strip(), estimate)
+    results = run(plan, workdir, command.strip(), estimate, tuple(args.also))
     paths = write_outputs(results, args.output_dir, plan.output_stem)
     print_ratios(results)
     print("  wrote " + ", ".join(str(path) for path in paths))

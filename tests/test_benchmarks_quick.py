@@ -217,3 +217,21 @@ def test_quick_run_against_trl_0_11_4_passes_parity(tmp_path):
     assert set(parity["required_pairs"]) == {f"ours_fp32/mb1 vs trl_0_11_4/mb{mb}" for mb in (1, 4)}
     assert results["speed_ratio_vs_trl_0_11_4"] == pytest.approx(
         _recomputed_speed_ratio(results["speed"], "trl_0_11_4", "fp32"), rel=1e-12)
+
+
+def test_report_renders_the_estimator_and_shared_prompt_comparisons_run_py_adds():
+    """run.py --also estimators shared_prompt: the markdown shows each system's numbers and the ratios the
+    scripts computed, row by row (ratios recomputed here from the seconds and memory they stored)."""
+    systems = {"gae": {"s_per_iteration": 4.0, "peak_rss_above_baseline": 400.0},
+               "rloo": {"s_per_iteration": 3.0, "peak_rss_above_baseline": 380.0}}
+    estimators = {"settings": {"size": "small", "batch": 8, "k": 4, "new_tokens": 32, "ppo_epochs": 4, "mini_batch": 4},
+                  "systems": systems,
+                  "ratios_vs_gae": {name: {"s_per_iteration": row["s_per_iteration"] / 4.0,
+                                           "peak_memory": row["peak_rss_above_baseline"] / 400.0}
+                                    for name, row in systems.items()}}
+    seconds = {"unshared": {"sampling": 6.0, "iteration": 24.0}, "shared": {"sampling": 3.0, "iteration": 8.0}}
+    shared = {"rounds": [{}, {}, {}], "seconds": seconds, "speedup": {"sampling": 2.0, "iteration": 3.0}}
+    lines = report._estimators_table(estimators) + report._shared_prompt_table(shared)
+    assert "| rloo | 3.00 | 0.750 | 380 | 0.950 |" in lines and "| gae | 4.00 | 1.000 | 400 | 1.000 |" in lines
+    assert "| iteration | 24.00 | 8.00 | 3.00x |" in lines and "| sampling | 6.00 | 3.00 | 2.00x |" in lines
+    assert report._estimators_table(None) == [] and report._shared_prompt_table(None) == []

@@ -410,9 +410,11 @@ def test_gae_default_is_unchanged(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.slow
-def test_tiny_cpu_pipeline_with_only_the_rloo_override_learns_without_a_value_model(tmp_path):
-    """``trl-multiadapter run tiny_cpu --set ppo.advantage_estimator=rloo`` (~2 min on 2 cores): no value head
-    anywhere, and the aligned policy follows the data's planted rule far more often than the base."""
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_tiny_cpu_pipeline_with_only_the_estimator_override_learns_without_a_value_model(tmp_path, estimator):
+    """``trl-multiadapter run tiny_cpu --set ppo.advantage_estimator=rloo`` (or grpo; ~1 min on 2 cores): no
+    value head anywhere, and the aligned policy follows the data's planted rule at least 20 points more often
+    than the base without its answers collapsing (median length at least half of the base's)."""
     import os
     import subprocess
     import sys
@@ -422,16 +424,16 @@ def test_tiny_cpu_pipeline_with_only_the_rloo_override_learns_without_a_value_mo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
     env.pop("TRL_MULTIADAPTER_LAUNCHED", None)
     completed = subprocess.run([sys.executable, "-m", "trl_multiadapter", "run", "tiny_cpu", "--output_dir",
-                                str(run_dir), "--set", "ppo.advantage_estimator=rloo"], capture_output=True, text=True,
+                                str(run_dir), "--set", f"ppo.advantage_estimator={estimator}"], capture_output=True, text=True,
                                env=env, cwd=Path(__file__).resolve().parents[1])
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert not (run_dir / "export" / "value_head.safetensors").exists()
     assert "value_head" not in (run_dir / "export" / "README.md").read_text()
     assert json.loads((run_dir / "ppo" / "final" / "multiadapter.json").read_text())["value_model"] == "none"
     config = json.loads((run_dir / "ppo" / "final" / "ppo_config.json").read_text())
-    assert (config["advantage_estimator"], config["num_generations"]) == ("rloo", 4)
+    assert (config["advantage_estimator"], config["num_generations"]) == (estimator, 4)
     history = json.loads((run_dir / "ppo" / "log_history.json").read_text())
     assert history and not any(key in entry for entry in history for key in VALUE_KEYS)
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     assert metrics["aligned"]["ground_truth_rate"] >= metrics["base"]["ground_truth_rate"] + 0.2, metrics
-    assert metrics["aligned"]["response_length_median"] >= 2, metrics
+    assert metrics["aligned"]["response_length_median"] >= metrics["base"]["response_length_median"] / 2, metrics
