@@ -6,7 +6,9 @@ Systems: ``gae`` (value head on the policy), ``gae_critic`` (a separate LoRA cri
 (critic-free: no value head or critic exists). Every system gets the same rows: ``batch / k`` prompts from the
 shared benchmark work dir (``_common``), each repeated k times, exactly ``--new-tokens`` sampled tokens
 (``stop_token=None``), the same reward adapter, policy LoRA (r16/a32 on q,v), ``ppo_epochs`` and mini-batch
-size; gae treats the k copies as independent rows. Each system runs in a fresh process: imports and a
+size. ``gae`` and ``gae_critic`` treat the k copies as independent rows; ``gae_grouped`` (gae with
+``num_generations=k``), ``rloo`` and ``grpo`` compute each prompt once for its k rows (shared_prompt.py), so
+``gae_grouped`` vs ``gae`` is the prompt sharing alone and ``rloo`` vs ``gae_grouped`` the missing value head. Each system runs in a fresh process: imports and a
 throwaway iteration on a 1-layer model first, then ``_protocol.measure_peak`` over building the trainer
 (weights copied into ordinary memory) and ``1 + --iterations`` iterations; s/iteration is the median of
 the iterations after the first. Ratios are against ``gae`` from this run; timings on a shared CPU are noisy.
@@ -26,11 +28,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK_ROOT = HERE / ".work" / "estimators"
-SYSTEMS = {  # name -> (advantage_estimator, value_model)
-    "gae": ("gae", "head"),
-    "gae_critic": ("gae", "critic"),
-    "rloo": ("rloo", "none"),
-    "grpo": ("grpo", "none"),
+SYSTEMS = {  # name -> (advantage_estimator, value_model, num_generations = k: a prompt's rows share its computation)
+    "gae": ("gae", "head", False),
+    "gae_grouped": ("gae", "head", True),
+    "gae_critic": ("gae", "critic", False),
+    "rloo": ("rloo", "none", True),
+    "grpo": ("grpo", "none", True),
 }
 VOCAB_SIZES = {"tiny": 1024, "small": 8000, "medium": 8000}
 
@@ -80,10 +83,10 @@ def trainer_for(system: str, base, tokenizer, reward_adapter, args, output_dir: 
 
     from trl_multiadapter import MultiAdapterPPOConfig, MultiAdapterPPOTrainer
 
-    estimator, value_model = SYSTEMS[system]
+    estimator, value_model, grouped = SYSTEMS[system]
     config = MultiAdapterPPOConfig(
         output_dir=output_dir, advantage_estimator=estimator, value_model=value_model,
-        num_generations=args.k if estimator != "gae" else 1, batch_size=args.batch, mini_batch_size=args.mini_batch,
+        num_generations=args.k if grouped else 1, batch_size=args.batch, mini_batch_size=args.mini_batch,
         ppo_epochs=args.ppo_epochs, learning_rate=1e-5, max_new_tokens=args.new_tokens, stop_token=None, seed=0,
         report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
