@@ -263,3 +263,18 @@ def measure_peak(build: Callable[[], object], run: Callable[[object], None]) -> 
         "rss_file_delta": end["RssFile"] - baseline["RssFile"],
         "uss_end": unique_set_size_mb(),
     }
+
+
+def run_worker_script(script: str, system: str, arguments: list[str]) -> dict:
+    """Run ``script --worker SYSTEM --result FILE ARGUMENTS`` in a fresh process (its own peak memory, no
+    state from other systems) and return the JSON it wrote; stop with its stderr tail if it failed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        result_path = Path(scratch) / "result.json"
+        command = [sys.executable, script, "--worker", system, "--result", str(result_path), *arguments]
+        completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+        if completed.returncode != 0:
+            raise SystemExit(f"worker {system} failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+        return json.loads(result_path.read_text())

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,17 +40,12 @@ VOCAB_SIZES = {"tiny": 1024, "small": 8000, "medium": 8000}
 
 
 def measure(system: str, args, workdir: Path) -> dict:
-    with tempfile.TemporaryDirectory() as scratch:
-        result_path = Path(scratch) / "result.json"
-        command = [sys.executable, __file__, "--worker", system, "--workdir", str(workdir), "--result", str(result_path),
-                   "--iterations", str(args.iterations), "--batch", str(args.batch), "--k", str(args.k),
-                   "--new-tokens", str(args.new_tokens), "--mini-batch", str(args.mini_batch),
-                   "--ppo-epochs", str(args.ppo_epochs), "--threads", str(args.threads)]
-        completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
-        if completed.returncode != 0:
-            raise SystemExit(f"worker {system} failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
-        return json.loads(result_path.read_text())
+    import _protocol
+
+    return _protocol.run_worker_script(__file__, system, [
+        "--workdir", str(workdir), "--iterations", str(args.iterations), "--batch", str(args.batch), "--k", str(args.k),
+        "--new-tokens", str(args.new_tokens), "--mini-batch", str(args.mini_batch), "--ppo-epochs", str(args.ppo_epochs),
+        "--threads", str(args.threads)])
 
 
 def report(results: dict[str, dict], args) -> dict:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,16 +47,12 @@ def prepare(workdir: Path, size: str) -> Path:
 
 
 def measure(system: str, args, workdir: Path) -> dict:
-    with tempfile.TemporaryDirectory() as scratch:
-        result_path = Path(scratch) / "result.json"
-        command = [sys.executable, __file__, "--worker", system, "--workdir", str(workdir), "--result", str(result_path),
-                   "--steps", str(args.steps), "--batch", str(args.batch), "--num-generations", str(args.num_generations),
-                   "--max-completion-length", str(args.max_completion_length), "--threads", str(args.threads)]
-        completed = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
-        if completed.returncode != 0:
-            raise SystemExit(f"worker {system} failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
-        return json.loads(result_path.read_text())
+    import _protocol
+
+    return _protocol.run_worker_script(__file__, system, [
+        "--workdir", str(workdir), "--steps", str(args.steps), "--batch", str(args.batch),
+        "--num-generations", str(args.num_generations), "--max-completion-length", str(args.max_completion_length),
+        "--threads", str(args.threads)])
 
 
 def report(results: dict[str, dict], args) -> dict:
