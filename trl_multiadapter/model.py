@@ -522,7 +522,21 @@ class MultiAdapterModel(nn.Module):
             if logits_to_keep < 0:
                 raise ValueError(f"logits_to_keep must be a positive int or None, got {logits_to_keep}")
             hidden = hidden[:, -logits_to_keep:]
+        return self.logits_from_hidden(hidden)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from final (post-norm) hidden states of the active role: ``(..., H) -> (..., V)``
+        float32; the LM head every forward, the sampler and the shared-prompt passes use."""
         return self._parts.lm_head(hidden).float()
+
+    def scores_from_hidden(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """Reward from the reward role's hidden state at each row's last token: ``(B, H) -> (B,)`` float32
+        (the score head, its ``reward_label_index`` column)."""
+        if self.reward_head is None:
+            raise ValueError(self._unknown_role_message("reward"))
+        head = self.reward_head
+        scores = head(final_hidden.to(device=head.weight.device, dtype=head.weight.dtype))  # (B, num_labels)
+        return scores[:, self.reward_label_index or 0].float()
 
     def values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """V(s) from final (post-norm) hidden states: ``(..., H) -> (...)`` float32.
@@ -583,10 +597,7 @@ class MultiAdapterModel(nn.Module):
         with self._adapters_of("reward"):
             hidden = self._hidden_states(input_ids, attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        final_hidden = hidden[rows, last.to(hidden.device)]  # (B, H)
-        head = self.reward_head
-        scores = head(final_hidden.to(device=head.weight.device, dtype=head.weight.dtype))  # (B, num_labels)
-        return scores[:, self.reward_label_index or 0].float()
+        return self.scores_from_hidden(hidden[rows, last.to(hidden.device)])  # (B, H) -> (B,)
 
     # ---------------------------------------------------------------- saving
     def save_adapters(self, directory: str | os.PathLike) -> None:

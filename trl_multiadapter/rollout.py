@@ -238,7 +238,7 @@ def _plain(value):
 
 def _sample(model, query_ids, query_mask, settings: SamplingSettings, capture_values: bool) -> Rollout:
     causal_lm = model.peft_model.get_base_model()
-    decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    decoder = causal_lm.get_decoder()
     warpers = _warpers(settings)
     device = query_ids.device
     batch_size = query_ids.shape[0]
@@ -247,7 +247,7 @@ def _sample(model, query_ids, query_mask, settings: SamplingSettings, capture_va
     tokens, logprobs, values, kept_logits = [], [], [], []
     with model.role(settings.role):
         model.train(False)  # role() restores the mode; a checkpointing layer in training mode drops the cache
-        cache = _new_cache(causal_lm)
+        cache = shared_prompt.new_cache(causal_lm)
         attention_mask = query_mask
         groups = shared_prompt.sharing_groups(model, query_ids, query_mask, settings.group_size)
         if groups is None:
@@ -255,7 +255,7 @@ def _sample(model, query_ids, query_mask, settings: SamplingSettings, capture_va
         else:  # each distinct prompt once, its cache rows gathered to the rows that repeat it
             hidden = shared_prompt.prefill(decoder, query_ids, query_mask, groups, cache)
         for step in range(settings.max_new_tokens):
-            logits = lm_head(hidden).float()  # (B, V)
+            logits = model.logits_from_hidden(hidden)  # (B, V)
             active = ~finished
             token = torch.where(active, _draw(logits, settings, warpers), settings.pad_token_id)
             # (1, B, V): the step's rows as one "sequence", so the vocabulary reduction is one batched op
@@ -303,18 +303,9 @@ def _decode(decoder, input_ids, attention_mask, position_ids, cache) -> torch.Te
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
-        **{_cache_argument(decoder): cache},
+        **{shared_prompt.cache_argument(decoder) or "past_key_values": cache},
     )
     return outputs.last_hidden_state[:, -1]
-
-
-def _cache_argument(decoder) -> str:
-    # transformers renamed `past_key_values` to `cache` (5.x); use whichever the decoder takes.
-    return shared_prompt.cache_argument(decoder) or "past_key_values"
-
-
-def _new_cache(causal_lm):
-    return shared_prompt.new_cache(causal_lm)
 
 
 def _warpers(settings: SamplingSettings) -> list:

@@ -180,17 +180,13 @@ def prediction_hidden(model, role: str, query_ids, query_mask, response_ids, res
 # what the passes read off the hidden states (as MultiAdapterModel's own forwards do)
 
 
-def _lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    return model.peft_model.get_base_model().get_output_embeddings()(hidden).float()
-
-
 def policy_logits_and_values(model, query_ids, query_mask, response_ids, response_mask,
                              groups: PromptGroups) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Policy logits (B, R, V) float32 and values (B, R) float32 of the response predictions (None without
     a value model); gradients follow the caller. Same numbers as ``policy_forward(prompt + response[:, :-1],
     logits_to_keep=R)`` with its values from column P-1 on."""
     hidden = prediction_hidden(model, "policy", query_ids, query_mask, response_ids, response_mask, groups)
-    logits = _lm_logits(model, hidden)
+    logits = model.logits_from_hidden(hidden)
     if model.value_model == "head":
         return logits, model.values_from_hidden(hidden)
     if model.value_model != "critic":  # critic-free estimators: no value model exists
@@ -208,19 +204,15 @@ def critic_values(model, query_ids, query_mask, response_ids, response_mask, gro
 @torch.no_grad()
 def reference_logits(model, query_ids, query_mask, response_ids, response_mask, groups: PromptGroups) -> torch.Tensor:
     """Reference logits (B, R, V) float32 of the response predictions, without gradients."""
-    return _lm_logits(model, prediction_hidden(model, "reference", query_ids, query_mask, response_ids,
-                                               response_mask, groups))
+    return model.logits_from_hidden(prediction_hidden(model, "reference", query_ids, query_mask, response_ids,
+                                                      response_mask, groups))
 
 
 @torch.no_grad()
 def reward_scores(model, query_ids, query_mask, response_ids, response_mask, groups: PromptGroups) -> torch.Tensor:
     """Reward (B,) float32: the score head at each row's last response token (at least one
     response token per row), as ``MultiAdapterModel.score`` reads it on the whole sequence."""
-    if model.reward_head is None:
-        raise ValueError("role 'reward' needs a reward adapter: pass reward_adapter=<dir> to from_pretrained")
     _, hidden = shared_hidden(model, "reward", query_ids, query_mask, response_ids, response_mask, groups)
     last = last_non_pad_index(response_mask)  # (B,)
-    final_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]  # (B, H)
-    head = model.reward_head
-    scores = head(final_hidden.to(device=head.weight.device, dtype=head.weight.dtype))  # (B, num_labels)
-    return scores[:, model.reward_label_index or 0].float()
+    return model.scores_from_hidden(hidden[torch.arange(hidden.shape[0], device=hidden.device),
+                                           last.to(hidden.device)])  # (B, H) -> (B,)
