@@ -147,3 +147,14 @@ def test_every_new_field_is_documented():
     for config_field in dataclasses.fields(MultiAdapterPPOConfig):
         if config_field.name not in inherited:
             assert config_field.metadata.get("help"), config_field.name
+
+
+def test_config_estimator_names_are_the_ones_ppo_math_dispatches():
+    """ppo_config keeps its own copy of the names (no torch import at config time): it must stay equal."""
+    from trl_multiadapter import ppo_config, ppo_math
+
+    assert set(ppo_config.ADVANTAGE_ESTIMATORS) == set(ppo_math.ADVANTAGE_ESTIMATORS)
+    assert set(ppo_config.CRITIC_FREE_ESTIMATORS) == set(ppo_math.CRITIC_FREE_ESTIMATORS)
+    for name in ppo_config.ADVANTAGE_ESTIMATORS:
+        assert MultiAdapterPPOConfig(output_dir="out", advantage_estimator=name, report_to="none").critic_free == (
+            name in ppo_math.CRITIC_FREE_ESTIMATORS)
